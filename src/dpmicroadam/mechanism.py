@@ -1,0 +1,324 @@
+"""The one thin layer where sampler, clipping, noise and accounting meet.
+
+Everything private in a run is built here from a single :class:`DPConfig`, so the sampling rate the
+accountant sees is the one the sampler uses, the noise std is derived from the clipping's
+sensitivity, and one accountant event is recorded per released gradient. The pieces themselves
+(``dpmicroadam.privacy``, ``dpmicroadam.data.sampler``, ``dpmicroadam.accounting``) know nothing of
+each other.
+
+Guarantee (add/remove-one neighbouring relation, unit of privacy = one training example with all its
+augmented views): each call to :meth:`DPMechanism.privatize` releases
+``(Σ_i clip_C(g_i) + N(0, σ²C² I)) / B`` for a batch drawn by Poisson sampling with rate ``q``;
+the L2 sensitivity of the clipped sum is ``C``; the run is ``(ε, δ)``-DP with ε as reported by
+:meth:`DPMechanism.epsilon` for the accountant named in the config. The caller must (1) take
+batches only from :meth:`DPMechanism.sample`, (2) not look at per-example gradients or losses of
+private data, and (3) treat everything after :meth:`privatize` as post-processing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpmicroadam.accounting import Accountant, calibrate_noise_multiplier, check_delta
+from dpmicroadam.data.sampler import PoissonSampler
+from dpmicroadam.privacy import PrivateGradient, check_per_example_safe, make_engine
+
+__all__ = ["DPConfig", "DPMechanism", "NonFiniteGradientError", "derive_seed"]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A per-example gradient was NaN or infinite: the step was not released."""
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one purpose ("sampler", "noise", ...) derived from the run's seed.
+
+    Independent streams for independent purposes, all reproducible from the one seed.
+    """
+    digest = hashlib.sha256(f"dpmicroadam:{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class DPConfig:
+    """Everything that shapes the privacy of a run (names as in SPEC.md).
+
+    Give either ``expected_batch_size`` or ``sample_rate``; either ``noise_multiplier`` or
+    ``target_epsilon`` (then ``steps`` is required and σ is calibrated so that ε ≤ target).
+    """
+
+    dataset_size: int
+    clip_norm: float
+    target_delta: float
+    expected_batch_size: float | None = None
+    sample_rate: float | None = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    steps: int | None = None
+    augmult: int = 1
+    physical_batch_size: int = 256
+    seed: int | None = 0
+    accountant: str = "pld"
+    normalize: str = "expected"
+    secure_noise: bool = False
+    engine: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset_size, int) or self.dataset_size < 1:
+            raise ValueError(f"dataset_size must be a positive int, got {self.dataset_size!r}")
+        if (self.expected_batch_size is None) == (self.sample_rate is None):
+            raise ValueError(
+                "give exactly one of expected_batch_size or sample_rate, got "
+                f"expected_batch_size={self.expected_batch_size!r}, sample_rate={self.sample_rate!r}"
+            )
+        if self.expected_batch_size is not None:
+            if not 0 < self.expected_batch_size <= self.dataset_size:
+                raise ValueError(
+                    f"expected_batch_size={self.expected_batch_size!r} must be in (0, dataset_size="
+                    f"{self.dataset_size}]; use a smaller batch size or more data"
+                )
+            self.sample_rate = self.expected_batch_size / self.dataset_size
+        else:
+            if not 0 < self.sample_rate <= 1:
+                raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+            self.expected_batch_size = self.sample_rate * self.dataset_size
+        if not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 (may be inf), got {self.clip_norm!r}")
+        if not 0 < self.target_delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1), got {self.target_delta!r}")
+        if self.augmult < 1:
+            raise ValueError(f"augmult must be >= 1, got {self.augmult!r}")
+        if self.physical_batch_size < 1:
+            raise ValueError(f"physical_batch_size must be >= 1, got {self.physical_batch_size!r}")
+        if self.normalize not in ("expected", "realized"):
+            raise ValueError(f"normalize must be 'expected' or 'realized', got {self.normalize!r}")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "give exactly one of noise_multiplier or target_epsilon, got "
+                f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}"
+            )
+        if self.target_epsilon is not None:
+            if not self.target_epsilon > 0:
+                raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon!r}")
+            if self.steps is None or self.steps < 1:
+                raise ValueError(
+                    f"target_epsilon needs the number of steps to calibrate σ, got steps={self.steps!r}"
+                )
+            self.noise_multiplier = calibrate_noise_multiplier(
+                self.target_epsilon,
+                self.target_delta,
+                self.sample_rate,
+                self.steps,
+                accountant=self.accountant,
+            )
+        elif self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        check_delta(self.target_delta, self.dataset_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DPMechanism:
+    """Poisson sampling, per-example clipping, Gaussian noise and accounting for one model.
+
+    Args:
+        config: The privacy configuration; σ is calibrated here when a target ε is given.
+        model: The model; every parameter with ``requires_grad`` is trained privately. Modules
+            that mix examples (BatchNorm) are refused.
+        loss_fn: ``loss_fn(outputs, targets)`` returning per-row losses (``reduction="none"``).
+
+    Example:
+        >>> mech = DPMechanism(DPConfig(dataset_size=N, expected_batch_size=256, clip_norm=1.0,
+        ...                             target_epsilon=8, target_delta=1e-5, steps=T), model, loss)
+        >>> for _ in range(T):
+        ...     idx = mech.sample()
+        ...     mech.privatize(x[idx], y[idx])   # writes p.grad
+        ...     optimizer.step()
+    """
+
+    def __init__(
+        self,
+        config: DPConfig,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        *,
+        process_group: Any = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        check_per_example_safe(model)
+        self.engine = make_engine(model, loss_fn, kind=config.engine)
+        self.params: list[nn.Parameter] = list(self.engine.params)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        seed = config.seed
+        if seed is None and not config.secure_noise:
+            seed = int.from_bytes(os.urandom(7), "little")
+            config.seed = seed
+        self.sampler = PoissonSampler(
+            config.dataset_size, config.sample_rate, seed=derive_seed(seed or 0, "sampler")
+        )
+        self.gradient = PrivateGradient(
+            self.params,
+            clip_norm=config.clip_norm,
+            noise_multiplier=config.noise_multiplier,
+            expected_batch_size=config.expected_batch_size,
+            normalize=config.normalize,
+            seed=None if config.secure_noise else derive_seed(seed, "noise"),
+            secure_noise=config.secure_noise,
+        )
+        self.accountant = Accountant(
+            config.noise_multiplier, config.sample_rate, accountant=config.accountant
+        )
+        self._pending: int | None = None
+        self.process_group = process_group
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def noise_multiplier(self) -> float:
+        return float(self.config.noise_multiplier)
+
+    @property
+    def sample_rate(self) -> float:
+        return float(self.config.sample_rate)
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the noise in the released (normalized) gradient: σC/B."""
+        return float(self.gradient.noise_std)
+
+    def sample(self) -> torch.Tensor:
+        """Draw the next Poisson batch (sorted example indices; may be empty)."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "sample() called twice without privatize(): every drawn batch must be released "
+                "(skipping one would make the accountant and the sampler disagree)"
+            )
+        indices = self.sampler.sample()
+        self._pending = int(indices.numel())
+        return indices
+
+    def check_sampler(self, sampler: Any) -> None:
+        """Refuse a batch source that is not this mechanism's Poisson sampler.
+
+        Raises:
+            ValueError: when ``sampler`` is e.g. a shuffling DataLoader or a sampler with another rate.
+        """
+        batch_sampler = getattr(sampler, "batch_sampler", None) or sampler
+        if not getattr(batch_sampler, "is_poisson", False):
+            raise ValueError(
+                f"{type(batch_sampler).__name__} is not a Poisson sampler: the accountant assumes "
+                "each example is included independently with probability sample_rate. Use "
+                "DPMechanism.sample() (or dpmicroadam.data.PoissonSampler) instead of a shuffled loader"
+            )
+        rate = getattr(batch_sampler, "sample_rate", None)
+        if rate is None or not math.isclose(rate, self.sample_rate, rel_tol=1e-12):
+            raise ValueError(
+                f"sampler sample_rate={rate!r} differs from the mechanism's {self.sample_rate!r}"
+            )
+
+    # ------------------------------------------------------------------ release
+    def privatize(self, inputs: Any, targets: torch.Tensor) -> dict[str, float]:
+        """Clip, sum, noise and release the gradient of the batch from :meth:`sample`.
+
+        The released gradient is written to ``p.grad`` of every trainable parameter (replacing any
+        previous value) and one accountant event is recorded.
+
+        Args:
+            inputs: Batch inputs (b, ...), or (b, K, ...) with augmult K views per example.
+            targets: Labels (b,).
+
+        Returns:
+            Statistics of the step: realized batch size and the fraction of clipped examples
+            (computed on private data: do not publish them).
+        """
+        if self._pending is None:
+            raise RuntimeError(
+                "privatize() without sample(): batches must come from DPMechanism.sample() so "
+                "the accountant's Poisson assumption holds"
+            )
+        n = _batch_len(inputs)
+        if n != self._pending or int(targets.shape[0]) != n:
+            raise ValueError(
+                f"the batch has {n} inputs and {int(targets.shape[0])} targets but sample() drew "
+                f"{self._pending} indices: pass x[idx], y[idx] for the indices sample() returned"
+            )
+        clipped = 0
+        pbs = self.config.physical_batch_size
+        augmult = self.config.augmult
+        for start in range(0, n, pbs):
+            sl = slice(start, min(start + pbs, n))
+            sums, norms = self.engine.clipped_sum(
+                _slice(inputs, sl), targets[sl], self.config.clip_norm, augmult=augmult
+            )
+            if not bool(torch.isfinite(norms).all()):
+                self.gradient.reset()
+                self._pending = None
+                raise NonFiniteGradientError(
+                    "a per-example gradient is NaN or infinite (loss diverged or bad input); "
+                    "nothing was released. Lower the learning rate or check the data."
+                )
+            clipped += int((norms > self.config.clip_norm).sum())
+            self.gradient.accumulate(sums, int(norms.shape[0]))
+        self._reduce_across_ranks()
+        stats = self.gradient.release()
+        self.accountant.step()
+        self._pending = None
+        realized = float(stats.get("batch_size", n)) if isinstance(stats, dict) else float(n)
+        return {"batch_size": realized, "clipped_fraction": clipped / max(n, 1)}
+
+    def _reduce_across_ranks(self) -> None:
+        """Hook for data-parallel training: all-reduce the clipped sums before the noise."""
+        if self.process_group is None:
+            return
+        reduce = getattr(self.gradient, "all_reduce", None)
+        if reduce is None:  # pragma: no cover - guarded by the distributed module
+            raise RuntimeError("this PrivateGradient cannot all-reduce")
+        reduce(self.process_group)
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far at ``delta`` (default: the config's target δ)."""
+        return float(self.accountant.epsilon(self.config.target_delta if delta is None else delta))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "gradient": self.gradient.state_dict(),
+            "accountant": self.accountant.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._pending is not None:
+            raise RuntimeError("cannot load state between sample() and privatize()")
+        self.sampler.load_state_dict(state["sampler"])
+        self.gradient.load_state_dict(state["gradient"])
+        self.accountant.load_state_dict(state["accountant"])
+
+
+def _batch_len(inputs: Any) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    if isinstance(inputs, dict):
+        return _batch_len(next(iter(inputs.values())))
+    if isinstance(inputs, Sequence):
+        return _batch_len(inputs[0])
+    raise TypeError(f"inputs must be a tensor, a dict or a sequence of tensors, got {type(inputs)}")
+
+
+def _slice(inputs: Any, sl: slice) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs[sl]
+    if isinstance(inputs, dict):
+        return {k: v[sl] for k, v in inputs.items()}
+    return type(inputs)(v[sl] for v in inputs)

@@ -1,0 +1,78 @@
+"""Build the optimizer and learning-rate schedule of a run from its config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dpmicroadam.optim import AdamBC, MicroAdam
+from dpmicroadam.train.config import TrainConfig
+
+
+def param_groups(params: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """One group, or two when ``density_1d`` asks for another density on 1-D tensors (biases, norms)."""
+    if cfg.density_1d is None or cfg.optimizer not in ("dp-microadam", "microadam"):
+        return [{"params": params}]
+    multi = [p for p in params if p.ndim >= 2]
+    flat = [p for p in params if p.ndim < 2]
+    groups = [{"params": multi}] if multi else []
+    if flat:
+        groups.append({"params": flat, "density": cfg.density_1d})
+    return groups
+
+
+def build_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, noise_std: float = 0.0
+) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer``; the dp- ones step on the released gradient.
+
+    Args:
+        params: Trainable parameters.
+        cfg: Run config.
+        noise_std: σC/B, the std of the noise in the released gradient (used by DP-AdamBC only).
+    """
+    groups = param_groups(params, cfg)
+    name = cfg.optimizer
+    if name in ("dp-microadam", "microadam"):
+        return MicroAdam(
+            groups,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            window_size=cfg.window_size,
+            density=cfg.density,
+            ef_bits=cfg.ef_bits,
+        )
+    if name in ("dp-adam", "adam"):
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name in ("dp-sgd", "sgd"):
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum or 0.0, weight_decay=cfg.weight_decay
+        )
+    if name == "dp-adambc":
+        return AdamBC(
+            groups,
+            lr=cfg.lr,
+            gamma=cfg.adambc_gamma,
+            noise_std=noise_std,
+            weight_decay=cfg.weight_decay,
+        )
+    raise ValueError(f"unknown optimizer {name!r}")  # pragma: no cover - validated in config
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """constant, cosine (to 0 at the last step) or warmup-cosine (linear warm-up, then cosine)."""
+    warmup = int(cfg.warmup_fraction * total_steps) if cfg.lr_schedule == "warmup-cosine" else 0
+
+    def factor(step: int) -> float:
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
