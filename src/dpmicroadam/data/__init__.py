@@ -1,0 +1,26 @@
+"""Datasets, the Poisson sampler and augmentations (augmult)."""
+
+from dpmicroadam.data.augment import augment_views
+from dpmicroadam.data.datasets import (
+    DATASET_NAMES,
+    DIGITS_SPLIT_SEED,
+    NORMALIZATION,
+    default_data_dir,
+    load_dataset,
+    split_validation,
+)
+from dpmicroadam.data.download import download_file, verify_file
+from dpmicroadam.data.image_dataset import ImageDataset
+
+__all__ = [
+    "DATASET_NAMES",
+    "DIGITS_SPLIT_SEED",
+    "NORMALIZATION",
+    "ImageDataset",
+    "augment_views",
+    "default_data_dir",
+    "download_file",
+    "load_dataset",
+    "split_validation",
+    "verify_file",
+]
