@@ -18,7 +18,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 class GroupNormCNN(nn.Module):
@@ -33,6 +33,18 @@ class GroupNormCNN(nn.Module):
         h = torch.tanh(self.gn(self.conv1(x)))
         h = torch.tanh(self.conv2(h))
         return self.fc(h.mean(dim=(2, 3)))
+
+
+class PlainCNN(nn.Module):
+    """No normalisation, no saturation: the gradient grows with the input scale."""
+
+    def __init__(self, channels: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
 class WSConv2d(nn.Conv2d):
@@ -100,8 +112,8 @@ def make_case(name: str, b: int, augmult: int = 1, seed: int = 0):
     if name == "mlp":
         model = MLP()
         x = torch.randn(*views, 6, generator=g, dtype=torch.float64)
-    elif name in ("cnn", "wscnn"):
-        model = GroupNormCNN() if name == "cnn" else WSCNN()
+    elif name in ("cnn", "wscnn", "plaincnn"):
+        model = {"cnn": GroupNormCNN, "wscnn": WSCNN, "plaincnn": PlainCNN}[name]()
         x = torch.randn(*views, 2, 6, 6, generator=g, dtype=torch.float64)
     elif name == "attention":
         model = TinyAttention()

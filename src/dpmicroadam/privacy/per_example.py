@@ -121,9 +121,12 @@ def clip_and_sum(
         un-clipped flat norms.
     """
     b = grads[0].shape[0]
-    sq = torch.zeros(b, dtype=torch.float32, device=grads[0].device)
+    # Norms in float32 at least (float64 if any gradient is): low-precision sums of squares
+    # could misjudge who gets clipped.
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    sq = torch.zeros(b, dtype=dtype, device=grads[0].device)
     for g in grads:
-        sq = sq + g.reshape(b, -1).float().pow(2).sum(dim=1)
+        sq = sq + g.reshape(b, -1).to(dtype).pow(2).sum(dim=1)
     norms = sq.sqrt()
     if math.isinf(clip_norm):
         factor = torch.ones_like(norms)
