@@ -262,7 +262,7 @@ class DPMechanism:
                 _slice(inputs, sl), targets[sl], self.config.clip_norm, augmult=augmult
             )
             if not bool(torch.isfinite(norms).all()):
-                self.gradient.reset()
+                self.gradient.discard()
                 self._pending = None
                 raise NonFiniteGradientError(
                     "a per-example gradient is NaN or infinite (loss diverged or bad input); "
@@ -274,8 +274,7 @@ class DPMechanism:
         stats = self.gradient.release()
         self.accountant.step()
         self._pending = None
-        realized = float(stats.get("batch_size", n)) if isinstance(stats, dict) else float(n)
-        return {"batch_size": realized, "clipped_fraction": clipped / max(n, 1)}
+        return {"batch_size": stats.realized_batch_size, "clipped_fraction": clipped / max(n, 1)}
 
     def _reduce_across_ranks(self) -> None:
         """Hook for data-parallel training: all-reduce the clipped sums before the noise."""

@@ -68,14 +68,12 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_resume()
 
-        data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
-        x_tr, y_tr, x_val, y_val = split_validation(
-            data.x_train, data.y_train, cfg.val_fraction, seed=VAL_SPLIT_SEED
-        )
-        self.data = data
+        splits, self.model = self.build_task()
+        x_tr, y_tr, x_val, y_val, x_test, y_test = splits
         self.x_tr, self.y_tr = x_tr.to(self.device), y_tr.to(self.device)
         self.x_val, self.y_val = x_val.to(self.device), y_val.to(self.device)
-        self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
+        self.x_test, self.y_test = x_test.to(self.device), y_test.to(self.device)
+        self.model.to(self.device)
         self.n = int(self.x_tr.shape[0])
         if cfg.batch_size > self.n:
             raise ValueError(
@@ -83,8 +81,6 @@ class Trainer:
                 "examples after the validation split); use a smaller batch size"
             )
         self.total_steps = steps_for(cfg, self.n)
-
-        self.model = model_for(cfg, tuple(data.input_shape), data.num_classes).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.mechanism: DPMechanism | None = None
@@ -127,6 +123,20 @@ class Trainer:
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
         self._resume_state()
         (self.out / "config.json").write_text(json.dumps(self._config_record(), indent=2))
+
+    def build_task(self) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
+        """Data splits (x_train, y_train, x_val, y_val, x_test, y_test) and the seeded model.
+
+        Subclasses (fine-tuning) override this; inputs may be any tensor whose first dimension
+        indexes examples.
+        """
+        cfg = self.cfg
+        data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+        x_tr, y_tr, x_val, y_val = split_validation(
+            data.x_train, data.y_train, cfg.val_fraction, seed=VAL_SPLIT_SEED
+        )
+        model = model_for(cfg, tuple(data.input_shape), data.num_classes)
+        return (x_tr, y_tr, x_val, y_val, data.x_test, data.y_test), model
 
     # ------------------------------------------------------------------ resume
     def _config_record(self) -> dict[str, Any]:
