@@ -140,6 +140,7 @@ class PrivateGradient:
                 raise ValueError(
                     f"sums[{j}] has shape {tuple(s.shape)}, parameter {j} has {tuple(acc.shape)}"
                 )
+        for acc, s in zip(self._sums, sums):  # validated first: no half-added micro-batch
             acc.add_(s.to(device=acc.device, dtype=acc.dtype))
         self._count += int(count)
 
