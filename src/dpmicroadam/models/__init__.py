@@ -1,0 +1,19 @@
+"""Models: MLP, tanh CNNs, WRN-16-4 with GroupNorm and weight standardization."""
+
+from dpmicroadam.models.cnn import TanhCNN28, TanhCNN32
+from dpmicroadam.models.factory import MODEL_NAMES, build_model
+from dpmicroadam.models.mlp import MLP
+from dpmicroadam.models.norm import replace_batchnorm
+from dpmicroadam.models.wrn import PreActBlock, WideResNet, WSConv2d
+
+__all__ = [
+    "MLP",
+    "MODEL_NAMES",
+    "PreActBlock",
+    "TanhCNN28",
+    "TanhCNN32",
+    "WSConv2d",
+    "WideResNet",
+    "build_model",
+    "replace_batchnorm",
+]
