@@ -98,3 +98,9 @@ def test_bad_arguments(kwargs, error, pattern):
         augment_views(torch.zeros(1, 8, 8), 2, torch.Generator())
     with pytest.raises(TypeError, match="floating"):
         augment_views(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), 2, torch.Generator())
+
+
+def test_empty_batch_is_allowed():
+    # Poisson sampling can draw an empty batch; augmentation must pass it through.
+    out = augment_views(torch.zeros(0, 3, 8, 8), 4, torch.Generator(), pad=2)
+    assert out.shape == (0, 4, 3, 8, 8)
