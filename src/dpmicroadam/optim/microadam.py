@@ -1,0 +1,225 @@
+"""MicroAdam: Adam over a window of sparse gradients with compressed error feedback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .kernels import Hyper, check_state, fast_step, init_state, loop_step
+
+STATE_FORMAT_VERSION = 1
+_IMPLEMENTATIONS = {"fast": fast_step, "loop": loop_step}
+
+
+def _bad(name: str, value: Any, must: str) -> ValueError:
+    return ValueError(f"MicroAdam: invalid {name}={value!r}: {must}.")
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_group(group: dict) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first bad hyper-parameter of a param group."""
+    for key in ("lr", "eps", "weight_decay", "density"):
+        if isinstance(group[key], Tensor):
+            raise TypeError(
+                f"MicroAdam: {key} must be a Python number, got a Tensor; tensors in param_groups "
+                "are not supported (pass float(value))."
+            )
+    if not _is_real(group["lr"]) or group["lr"] < 0:
+        raise _bad("lr", group["lr"], "must be a finite number >= 0")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise _bad("betas", betas, "must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if not _is_real(b) or not 0.0 <= b < 1.0:
+            raise _bad(f"betas[{i}]", b, "must lie in [0, 1)")
+    if not _is_real(group["eps"]) or group["eps"] <= 0:
+        raise _bad("eps", group["eps"], "must be > 0 (eps sits outside the square root)")
+    if not _is_real(group["weight_decay"]) or group["weight_decay"] < 0:
+        raise _bad("weight_decay", group["weight_decay"], "must be >= 0")
+    ws = group["window_size"]
+    if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
+        raise _bad("window_size", ws, "must be an integer >= 1")
+    if not _is_real(group["density"]) or not 0.0 < group["density"] <= 1.0:
+        raise _bad("density", group["density"], "must lie in (0, 1]; use 1.0 for dense updates")
+    if group["ef_bits"] not in (None, 4, 8) or isinstance(group["ef_bits"], bool):
+        raise _bad("ef_bits", group["ef_bits"], "must be None (exact fp32), 4 or 8")
+    qb = group["quant_bucket_size"]
+    if not isinstance(qb, int) or isinstance(qb, bool) or qb < 1:
+        raise _bad("quant_bucket_size", qb, "must be an integer >= 1")
+    tb = group["topk_block_size"]
+    if (
+        tb != "auto"
+        and tb is not None
+        and (not isinstance(tb, int) or isinstance(tb, bool) or tb < 1)
+    ):
+        raise _bad("topk_block_size", tb, "must be 'auto', None (whole tensor) or an integer >= 1")
+    vd = group["value_dtype"]
+    if not isinstance(vd, torch.dtype) or not vd.is_floating_point:
+        raise _bad("value_dtype", vd, "must be a floating torch.dtype such as torch.bfloat16")
+    if group["implementation"] not in _IMPLEMENTATIONS:
+        raise _bad(
+            "implementation", group["implementation"], f"must be one of {sorted(_IMPLEMENTATIONS)}"
+        )
+
+
+class MicroAdam(Optimizer):
+    r"""MicroAdam (Modoranu et al., NeurIPS 2024, arXiv:2405.15593), exactly as SPEC section 1.
+
+    Per tensor, with gradient :math:`g` at global step :math:`t` and window length :math:`m`:
+
+    .. math::
+
+        a &= g + \mathrm{dequant}(e) \\
+        \mathcal{S} &= \mathrm{topk}_{|a|}(a)\ \text{per block},\quad
+            (I, V)_{(t-1) \bmod m} \leftarrow (\mathcal{S}, a_{\mathcal{S}}) \\
+        e &\leftarrow \mathrm{quant}(a \text{ with } a_{\mathcal{S}} = 0) \\
+        M &= \textstyle\sum_i \beta_1^{r_i} V_i,\quad S = \sum_i \beta_2^{r_i} V_i^2
+            \quad (\text{scattered to } I_i,\ r_i = (t-1-i) \bmod m) \\
+        \theta &\leftarrow \theta (1 - \eta\lambda)
+            - \eta\,\frac{c_1 M}{\sqrt{c_2 S} + \epsilon},\quad
+            c_1 = \tfrac{1-\beta_1}{1-\beta_1^t},\ c_2 = \tfrac{1-\beta_2}{1-\beta_2^t}
+
+    Coordinates absent from the window do not move (apart from weight decay).
+
+    Args:
+        params: iterable of parameters or param-group dicts; every argument below may be
+            overridden per group (e.g. ``density=1.0`` for 1-D tensors).
+        lr: learning rate :math:`\eta` (does not transfer from Adam; see SPEC).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: added outside the square root, > 0.
+        weight_decay: decoupled weight decay :math:`\lambda`.
+        window_size: :math:`m`, number of sparse gradients kept.
+        density: fraction of entries kept per block, in (0, 1].
+        ef_bits: ``4`` or ``8`` for the quantized error feedback, ``None`` for exact fp32.
+        quant_bucket_size: entries per quantization bucket (each keeps its min and max).
+        topk_block_size: ``"auto"`` (blocks of 32768, int16 indices), an integer, or ``None`` for
+            top-k over each whole tensor.
+        value_dtype: dtype of the stored window values.
+        implementation: ``"fast"`` (vectorized) or ``"loop"`` (the ground truth, slow).
+
+    State is lazily created at a parameter's first step; see
+    :mod:`dpmicroadam.optim.kernels` for its layout and :func:`state_bytes` for its size.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        window_size: int = 10,
+        density: float = 0.01,
+        ef_bits: int | None = 4,
+        quant_bucket_size: int = 1024,
+        topk_block_size: int | str | None = "auto",
+        value_dtype: torch.dtype = torch.bfloat16,
+        implementation: str = "fast",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            window_size=window_size,
+            density=density,
+            ef_bits=ef_bits,
+            quant_bucket_size=quant_bucket_size,
+            topk_block_size=topk_block_size,
+            value_dtype=value_dtype,
+            implementation=implementation,
+        )
+        validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, filling defaults, and validate its hyper-parameters."""
+        super().add_param_group(param_group)
+        try:
+            validate_group(self.param_groups[-1])
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    def _collect(self) -> list[tuple[str, Tensor, Tensor, dict, Hyper]]:
+        """Every (name, param, grad, group, hyper) to step, after checking all gradients."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            validate_group(group)
+            hp = Hyper.from_group(group)
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+                if p.grad.is_sparse:
+                    raise TypeError(f"MicroAdam: {name} has a sparse gradient; use a dense one.")
+                work.append((name, p, p.grad, group, hp))
+        # Check every gradient before touching any state: one small reduction per tensor.
+        if work:
+            extremes = [
+                torch.stack(torch.aminmax(g.reshape(-1))).double() for _, _, g, _, _ in work
+            ]
+            by_device: dict[torch.device, list[int]] = {}
+            for i, (_, _, g, _, _) in enumerate(work):
+                by_device.setdefault(g.device, []).append(i)
+            for ids in by_device.values():
+                ok = torch.isfinite(torch.stack([extremes[i] for i in ids])).all(dim=1)
+                if not bool(ok.all()):
+                    bad = ids[int((~ok).nonzero()[0])]
+                    raise ValueError(
+                        f"MicroAdam: the gradient of {work[bad][0]} contains NaN or inf; no state "
+                        "was changed. Skip this step (e.g. a GradScaler does) or find the overflow."
+                    )
+        return work
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Take one optimizer step; parameters whose ``grad`` is None are skipped untouched."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for name, p, grad, group, hp in self._collect():
+            layout = hp.layout(p.numel())
+            state = self.state[p]
+            if not state:
+                state.update(init_state(p, hp, layout))
+            else:
+                check_state(state, p, hp, layout, name)
+            _IMPLEMENTATIONS[group["implementation"]](p, grad, state, hp, layout, name)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict plus ``format_version``."""
+        sd = super().state_dict()
+        sd["format_version"] = STATE_FORMAT_VERSION
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict`, keeping every state tensor's dtype.
+
+        torch's loader casts floating state to the parameter's dtype; MicroAdam's bf16 window
+        values and fp32 quantization ranges must keep theirs, so they are restored afterwards.
+        """
+        version = state_dict.get("format_version")
+        if version != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"MicroAdam: state_dict format_version={version!r} is not supported (expected "
+                f"{STATE_FORMAT_VERSION}); load a dict saved by this version of MicroAdam.state_dict()."
+            )
+        saved = {key: dict(value) for key, value in state_dict["state"].items()}
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "format_version"})
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            validate_group(group)
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved.get(pid, {}).items():
+                    device = "cpu" if key == "step" else p.device
+                    self.state[p][key] = value.to(device=device, copy=True)

@@ -1,0 +1,109 @@
+"""Block-wise top-k selection by magnitude (SPEC section 1, step 2).
+
+A flattened tensor of ``numel`` entries is split into blocks of ``block_size`` entries (the last
+block may be shorter; ``block_size=None`` means one block over the whole tensor). Each block of
+length ``L`` keeps ``ceil(density * L)`` entries of largest ``|a|``. Indices are stored *local to
+their block*, so a block of at most 32768 entries fits int16 indices; the selection of block
+``b`` occupies a fixed range of columns, so the global index is recovered from the column.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+INT16_BLOCK = 32768  # local indices 0..32767 fit int16
+
+
+def keep_count(density: float, length: int) -> int:
+    """``ceil(density * length)``, robust to float noise such as ``0.07 * 100 = 7.000000000000001``."""
+    return max(1, min(length, math.ceil(round(density * length, 9))))
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one flattened tensor is split for top-k.
+
+    Attributes:
+        numel: entries of the tensor.
+        block_size: length of a full block.
+        n_full: number of full blocks.
+        k_full: entries kept per full block.
+        tail: length of the last, partial block (0 if none).
+        k_tail: entries kept in the partial block.
+    """
+
+    numel: int
+    block_size: int
+    n_full: int
+    k_full: int
+    tail: int
+    k_tail: int
+
+    @property
+    def k_total(self) -> int:
+        """Entries kept per step over the whole tensor."""
+        return self.n_full * self.k_full + self.k_tail
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """Smallest signed integer dtype that holds a local index."""
+        longest = self.block_size if self.n_full else self.tail
+        if longest <= INT16_BLOCK:
+            return torch.int16
+        if longest <= 2**31:
+            return torch.int32
+        return torch.int64
+
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        """(start, length, k, first_column) of every block, in order."""
+        out = []
+        for b in range(self.n_full):
+            out.append((b * self.block_size, self.block_size, self.k_full, b * self.k_full))
+        if self.tail:
+            out.append(
+                (self.n_full * self.block_size, self.tail, self.k_tail, self.n_full * self.k_full)
+            )
+        return out
+
+    def column_offsets(self, device: torch.device | str = "cpu") -> Tensor:
+        """int64 offset of the block of every stored column: global = local + offset."""
+        cols = torch.arange(self.k_total, device=device)
+        offsets = torch.div(cols, max(self.k_full, 1), rounding_mode="floor") * self.block_size
+        if self.k_tail:
+            offsets[self.n_full * self.k_full :] = self.n_full * self.block_size
+        return offsets
+
+
+def make_layout(numel: int, density: float, block_size: int | None) -> BlockLayout:
+    """Layout for a tensor of ``numel`` entries; ``block_size=None`` is whole-tensor top-k."""
+    if block_size is None or numel <= block_size:
+        return BlockLayout(numel, numel, 0, 0, numel, keep_count(density, numel))
+    n_full, tail = divmod(numel, block_size)
+    k_tail = keep_count(density, tail) if tail else 0
+    return BlockLayout(numel, block_size, n_full, keep_count(density, block_size), tail, k_tail)
+
+
+def blockwise_topk(a: Tensor, layout: BlockLayout) -> tuple[Tensor, Tensor]:
+    """Select the ``k`` largest ``|a|`` of every block, vectorized over the full blocks.
+
+    Args:
+        a: flat tensor of ``layout.numel`` entries.
+        layout: from :func:`make_layout`.
+
+    Returns:
+        ``(local_idx, global_idx)``, both int64 of ``layout.k_total`` entries, ordered by block.
+    """
+    parts = []
+    mag = a.abs()
+    if layout.n_full:
+        full = mag[: layout.n_full * layout.block_size].view(layout.n_full, layout.block_size)
+        parts.append(torch.topk(full, layout.k_full, dim=1, sorted=False).indices.reshape(-1))
+    if layout.tail:
+        tail = mag[layout.n_full * layout.block_size :]
+        parts.append(torch.topk(tail, layout.k_tail, sorted=False).indices)
+    local = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return local, local + layout.column_offsets(a.device)
