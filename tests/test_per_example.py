@@ -149,8 +149,9 @@ def test_batchnorm_refused_with_module_named():
     assert "GroupNorm" in msg and "dpmicroadam.models.replace_batchnorm" in msg
     with pytest.raises(ValueError, match=r"layer1.0.1 \(BatchNorm2d\)"):
         VmapEngine(BNNet(), per_row_ce)
-    with pytest.raises(ValueError, match=r"layer1.0.1 \(BatchNorm2d\)"):
-        make_engine(BNNet(), per_row_ce, kind="auto")
+    for kind in ("auto", "vmap", "fast"):
+        with pytest.raises(ValueError, match=r"layer1.0.1 \(BatchNorm2d\)"):
+            make_engine(BNNet(), per_row_ce, kind=kind)
 
 
 @pytest.mark.parametrize(
