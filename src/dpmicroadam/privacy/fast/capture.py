@@ -1,0 +1,120 @@
+"""Forward-time capture of layer inputs and output-gradient edges, and the graph safety check.
+
+The fast engine runs one forward pass with hooks on the modules that own trainable parameters,
+then one backward pass that asks autograd only for the gradients of those modules' outputs. The
+per-example parameter gradients are rebuilt from the stored inputs and those output gradients.
+That is exact only if every trainable parameter reaches the loss *solely* through the forward of
+the module that owns it; :func:`check_graph` verifies this on the autograd graph of every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_flatten
+
+
+@dataclass
+class Record:
+    """What one forward call of a hooked module left behind.
+
+    Attributes:
+        args: Positional inputs of the call (tensors kept by reference).
+        kwargs: Keyword inputs of the call.
+        leaf_index: Positions, in the flattened output, of the tensors that need a gradient.
+        edges: Autograd edges of those output tensors, taken at forward time so that a later
+            in-place operation on the output does not change what they refer to.
+        leaf_meta: ``(shape, dtype, device)`` of those outputs (to fill an unused output's grad).
+        versions: ``(tensor, version)`` of every tensor input, to detect in-place changes.
+        extra: Rule-specific data captured during the call (e.g. the convolution it ran).
+        grads: Gradients of the loss with respect to the outputs, filled after backward.
+    """
+
+    args: tuple
+    kwargs: dict
+    leaf_index: list[int]
+    edges: list[GradientEdge]
+    leaf_meta: list[tuple]
+    versions: list[tuple[torch.Tensor, int]]
+    extra: Any = None
+    grads: list[torch.Tensor] = field(default_factory=list)
+
+
+def make_record(args: tuple, kwargs: dict, output: Any, extra: Any = None) -> Record:
+    """Builds a :class:`Record` from a module call's inputs and output."""
+    leaves, _ = tree_flatten(output)
+    index, edges, like = [], [], []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+            index.append(i)
+            edges.append(get_gradient_edge(leaf))
+            like.append((leaf.shape, leaf.dtype, leaf.device))
+    in_leaves, _ = tree_flatten((args, kwargs))
+    versions = [(t, t._version) for t in in_leaves if isinstance(t, torch.Tensor)]
+    return Record(tuple(args), dict(kwargs), index, edges, like, versions, extra)
+
+
+def check_unchanged(record: Record, name: str) -> None:
+    """Raises if an input of a recorded call was modified in place after the call.
+
+    Raises:
+        ValueError: naming the module; the stored activation would no longer be its input.
+    """
+    for tensor, version in record.versions:
+        if tensor._version != version:
+            raise ValueError(
+                f"the input of module {name!r} was modified in place after its forward call; "
+                "the fast engine needs it unchanged: use inplace=False in the layer that "
+                "follows it, or engine='vmap'"
+            )
+
+
+def _input_nodes(record: Record) -> list:
+    leaves, _ = tree_flatten((record.args, record.kwargs))
+    return [t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+
+
+def check_graph(
+    loss: torch.Tensor,
+    records: list[tuple[str, Record]],
+    params: list[torch.nn.Parameter],
+    names: dict[int, str],
+) -> None:
+    """Checks that trainable parameters reach ``loss`` only through recorded module calls.
+
+    Walks the autograd graph from ``loss``. The node that produced a recorded output is not
+    expanded; the walk continues from that call's inputs instead. Reaching a trainable
+    parameter's accumulator anyway means it is used outside its module's forward (weight tying,
+    a parent using ``child.weight`` functionally, an unhooked call), whose contribution the fast
+    engine would silently drop.
+
+    Raises:
+        ValueError: naming the parameter and saying what to do.
+    """
+    wanted = {id(p) for p in params}
+    cuts: dict[Any, list] = {}
+    for _, record in records:
+        for edge in record.edges:
+            cuts.setdefault(edge.node, []).extend(_input_nodes(record))
+    seen: set = set()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in cuts:
+            stack.extend(cuts[node])
+            continue
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in wanted:
+            raise ValueError(
+                f"parameter {names.get(id(variable), '?')!r} reaches the loss outside the "
+                "forward of the module that owns it (weight tying, or a functional use such as "
+                "F.linear(x, layer.weight)); the fast engine cannot see that use: use "
+                "engine='vmap', or untie the parameter"
+            )
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)

@@ -1,0 +1,158 @@
+"""``FastEngine``: per-example clipped gradient sums from one forward and one backward pass."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .capture import check_graph, check_unchanged
+from .plan import build_owners
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FastEngine:
+    """Clipped per-example gradient sums by layer rules and book-keeping (no per-example backward).
+
+    One forward pass records each parameter-owning module's inputs; one backward pass of
+    Σ_rows loss/K asks autograd only for the gradients of those modules' outputs (the
+    parameters' own gradients are never formed and ``p.grad`` is left untouched). Each module's
+    rule turns its (input, output gradient) pairs into per-example squared norms; the flat norm
+    ‖g_i‖ adds them over all trainable tensors; the clipped sum Σ_i min(1, C/‖g_i‖)·g_i is then
+    formed per module from the same stored tensors (Bu et al., arXiv 2210.00038). Modules
+    without a rule use ``torch.func`` per module (see :mod:`.fallback`).
+
+    Guarantee: the returned sums equal those of :class:`~dpmicroadam.privacy.per_example.VmapEngine`
+    up to float rounding; each example's contribution has norm at most ``clip_norm``
+    (sensitivity C under add/remove of one example). Every call checks on the autograd graph that
+    no trainable parameter reaches the loss outside its module's forward, and raises otherwise.
+
+    Assumptions the caller must meet: every layer sees batch-first tensors (row r of a layer's
+    input belongs to example r // K); the model does not mix examples (no BatchNorm).
+
+    Args:
+        model: The network; its modules must not be hooked by another per-sample library.
+        loss_fn: ``loss_fn(outputs, targets)`` returning per-row losses (reduction="none").
+        params: Trainable parameters to compute sums for (default: every parameter of ``model``
+            with ``requires_grad``, in ``model.parameters()`` order).
+
+    Raises:
+        ValueError: if parameters are tied or not in ``model``.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, params: Sequence[nn.Parameter] | None = None
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        self.params = list(params)
+        self._owners = build_owners(model, self.params)
+        index = {id(p): j for j, p in enumerate(self.params)}
+        self._slots = [[index[id(p)] for _, p in o.params] for o in self._owners]
+        self._names = {id(p): n for n, p in model.named_parameters()}
+
+    def clipped_sum(
+        self, inputs: torch.Tensor, targets: torch.Tensor, clip_norm: float, augmult: int = 1
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Σ_i clip(g_i) per parameter and the un-clipped per-example norms ‖g_i‖.
+
+        Args:
+            inputs: ``(b, ...)``, or ``(b, K, ...)`` when ``augmult`` = K > 1.
+            targets: ``(b,)``.
+            clip_norm: C > 0 (``math.inf`` for no clipping).
+            augmult: K, views per example; an example's gradient is the mean over its views.
+
+        Returns:
+            ``(sums, norms)``: one tensor per entry of :attr:`params`, and a ``(b,)`` tensor.
+
+        Raises:
+            ValueError: on bad shapes or arguments, on a parameter used outside its module.
+        """
+        b, k, flat, rep = _flatten(inputs, targets, clip_norm, augmult)
+        handles = []
+        try:
+            for owner in self._owners:
+                handles += owner.install()
+            with torch.enable_grad():
+                outputs = self.model(flat)
+            losses = self.loss_fn(outputs, rep)
+            if losses.shape != (b * k,):
+                raise ValueError(
+                    f"loss_fn returned shape {tuple(losses.shape)}, expected ({b * k},): it "
+                    "must return per-row losses (reduction='none')"
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        try:
+            return self._finish(losses.sum() / k, b, k, clip_norm)
+        finally:
+            for owner in self._owners:
+                owner.reset()
+
+    def _finish(self, loss, b, k, clip_norm):
+        pairs = [(o.name, r) for o in self._owners for r in o.records]
+        if loss.requires_grad:
+            check_graph(loss, pairs, self.params, self._names)
+        edges = [edge for _, r in pairs for edge in r.edges]
+        grads = torch.autograd.grad(loss, edges, allow_unused=True) if edges else []
+        it = iter(grads)
+        for name, r in pairs:
+            check_unchanged(r, name)
+            r.grads = [
+                torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                for g, (shape, dtype, device) in zip((next(it) for _ in r.edges), r.leaf_meta)
+            ]
+        dtype = self.params[0].dtype if self.params else loss.dtype
+        sq = torch.zeros(b, dtype=dtype, device=loss.device)
+        active = [(o, s) for o, s in zip(self._owners, self._slots) if o.records]
+        for owner, _ in active:
+            sq = sq + owner.sq_norms(b, k).to(dtype)
+        norms = sq.sqrt()
+        if math.isinf(clip_norm):
+            factors = torch.ones_like(norms)
+        else:
+            factors = torch.where(norms > clip_norm, clip_norm / norms, torch.ones_like(norms))
+        sums: list[torch.Tensor | None] = [None] * len(self.params)
+        for owner, slots in active:
+            for j, total in zip(slots, owner.sums(factors)):
+                sums[j] = total.detach().reshape(self.params[j].shape)
+        for j, p in enumerate(self.params):
+            if sums[j] is None:
+                sums[j] = torch.zeros_like(p)
+        return sums, norms.detach()
+
+
+def _flatten(inputs, targets, clip_norm, augmult):
+    if isinstance(augmult, bool) or not isinstance(augmult, int) or augmult < 1:
+        raise ValueError(f"augmult must be an int >= 1, got {augmult!r}")
+    if not isinstance(clip_norm, (int, float)) or not clip_norm > 0:
+        raise ValueError(f"clip_norm must be a positive float (or math.inf), got {clip_norm!r}")
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("inputs and targets must be tensors")
+    b = targets.shape[0] if targets.dim() else -1
+    if inputs.dim() == 0 or inputs.shape[0] != b:
+        raise ValueError(
+            f"inputs has shape {tuple(inputs.shape)} and targets {tuple(targets.shape)}: both "
+            "need the same leading batch dimension"
+        )
+    if augmult > 1:
+        if inputs.dim() < 2 or inputs.shape[1] != augmult:
+            raise ValueError(
+                f"with augmult={augmult}, inputs must have shape (b, {augmult}, ...), got "
+                f"{tuple(inputs.shape)}"
+            )
+        flat = inputs.reshape(b * augmult, *inputs.shape[2:])
+        rep = targets.repeat_interleave(augmult, dim=0)
+    else:
+        flat, rep = inputs, targets
+    return b, augmult, flat, rep

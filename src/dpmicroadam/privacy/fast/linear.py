@@ -1,0 +1,129 @@
+"""Per-example gradient norms and clipped sums for layers that are a matmul over positions.
+
+For a layer y_t = W a_t (+ b) applied at positions t = 1..T of one example (sequence positions,
+conv output pixels after unfolding, the K augmented views), the example's weight gradient is
+g = Σ_t e_t a_tᵀ with e_t = ∂L/∂y_t. Its squared norm is computed either
+
+* by the ghost norm (Goodfellow 2015; Li et al. arXiv 2110.05679):
+  ‖g‖² = Σ_{s,t} (a_s·a_t)(e_s·e_t), cost T²(D+P) per example, or
+* by instantiation: form g (P×D) and square it, cost T·P·D per example,
+
+whichever is cheaper for the layer's shape (the mixed rule of Bu et al., arXiv 2210.00038).
+The clipped sum Σ_i c_i g_i is then one matmul of the stored activations with the output
+gradients scaled by c_i ("book-keeping", same paper), or a weighted sum of the instantiated
+per-example gradients when keeping those costs no more memory than the activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .owner import Owner, chunks, weighted_sum
+
+Getter = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
+
+
+def use_ghost(positions: int, d_in: int, d_out: int) -> bool:
+    """Whether the ghost norm is cheaper than instantiation for one example (and one group)."""
+    return positions * (d_in + d_out) <= d_in * d_out
+
+
+def matmul_sq_norms(
+    get: Getter, b: int, groups: int, positions: int, d_in: int, d_out: int, keep: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example squared norms of g_i = Σ_t e_{i,t} a_{i,t}ᵀ, one matrix per group.
+
+    Args:
+        get: Returns, for a slice of examples, activations ``(n, groups, positions, d_in)`` and
+            output gradients ``(n, groups, positions, d_out)``.
+        b: Number of examples.
+        groups: Independent blocks of the weight (conv groups; 1 for Linear).
+        positions: T, positions per example.
+        d_in: D, input features per group.
+        d_out: P, output features per group.
+        keep: Return the instantiated per-example gradients (only when instantiating).
+
+    Returns:
+        ``(sq, g)``: squared norms ``(b,)`` and, if instantiated and ``keep``, the per-example
+        gradients ``(b, groups, d_out, d_in)``; otherwise ``None``.
+    """
+    ghost = use_ghost(positions, d_in, d_out)
+    kept = None
+    sq = None
+    if ghost:
+        per = groups * positions * (2 * positions + d_in + d_out)
+    else:
+        per = groups * (positions * (d_in + d_out) + d_out * d_in)
+    parts = []
+    for sl in chunks(b, per):
+        a, e = get(sl)
+        if positions == 1:
+            part = (a.square().sum(-1) * e.square().sum(-1)).sum((1, 2))
+        elif ghost:
+            part = ((a @ a.mT) * (e @ e.mT)).sum((1, 2, 3))
+        else:
+            g = e.mT @ a
+            part = g.square().sum((1, 2, 3))
+            if keep:
+                if kept is None:
+                    kept = g.new_empty((b, groups, d_out, d_in))
+                kept[sl] = g
+        parts.append(part)
+    sq = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return sq, kept
+
+
+class LinearOwner(Owner):
+    """``nn.Linear`` (any leading shape ``(N, ..., D)``; positions are the middle dimensions)."""
+
+    def sq_norms(self, b: int, k: int) -> torch.Tensor:
+        n = b * k
+        weight, bias = self.module.weight, self.module.bias
+        acts, outs = [], []
+        for r in self.records:
+            a = r.args[0] if r.args else r.kwargs["input"]
+            a = self.rows(a, n).detach()
+            e = self.rows(r.grads[0], n)
+            acts.append(a.reshape(b, -1, a.shape[-1]))
+            outs.append(e.reshape(b, -1, e.shape[-1]))
+        a = acts[0] if len(acts) == 1 else torch.cat(acts, 1)
+        e = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        sq = e.new_zeros(b)
+        self._grad_w = self._act = None
+        if self.trainable(weight):
+            _, positions, d_in = a.shape
+            d_out = e.shape[-1]
+            keep = d_in * d_out <= positions * (d_in + d_out)
+
+            def get(sl):
+                return a[sl].unsqueeze(1), e[sl].unsqueeze(1)
+
+            sq_w, self._grad_w = matmul_sq_norms(get, b, 1, positions, d_in, d_out, keep)
+            sq = sq + sq_w
+            if self._grad_w is None:
+                self._act = (a, e)
+        self._grad_b = None
+        if self.trainable(bias):
+            self._grad_b = e.sum(1)
+            sq = sq + self._grad_b.square().sum(1)
+        return sq
+
+    def sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for _, p in self.params:
+            if p is self.module.weight:
+                if self._grad_w is not None:
+                    out.append(weighted_sum(factors, self._grad_w[:, 0]))
+                else:
+                    a, e = self._act
+                    ce = e * factors.to(e.dtype)[:, None, None]
+                    out.append(ce.reshape(-1, e.shape[-1]).mT @ a.reshape(-1, a.shape[-1]))
+            else:
+                out.append(weighted_sum(factors, self._grad_b))
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self._grad_w = self._grad_b = self._act = None

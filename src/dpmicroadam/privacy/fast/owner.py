@@ -1,0 +1,84 @@
+"""The per-module unit of the fast engine: an owner of trainable parameters and its rule."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .capture import Record, make_record
+
+# Upper bound on the elements of one transient per-example tensor (a chunk of instantiated
+# gradients, Gram matrices or unfolded inputs): 2**24 float32 entries = 64 MiB.
+CHUNK_ELEMENTS = 2**24
+
+
+def chunks(b: int, per_example: int):
+    """Yields slices over ``b`` examples so that each chunk holds about CHUNK_ELEMENTS entries."""
+    size = max(1, CHUNK_ELEMENTS // max(1, per_example))
+    for start in range(0, b, size):
+        yield slice(start, min(b, start + size))
+
+
+class Owner:
+    """A module and the trainable parameters whose per-example gradients it is responsible for.
+
+    Subclasses implement one gradient rule. The engine drives them in three phases per call:
+    forward (hooks fill :attr:`records`), :meth:`sq_norms` once the output gradients are known,
+    then :meth:`sums` with the per-example clip factors.
+
+    Args:
+        name: Qualified module name, for error messages.
+        module: The module whose forward is recorded.
+        params: ``(name, parameter)`` pairs this owner computes gradients for, in the order its
+            :meth:`sums` returns them.
+    """
+
+    def __init__(self, name: str, module: nn.Module, params: list[tuple[str, nn.Parameter]]):
+        self.name = name
+        self.module = module
+        self.params = params
+        self.records: list[Record] = []
+
+    def install(self) -> list:
+        """Registers the forward hook(s); returns the handles to remove."""
+
+        def hook(module, args, kwargs, output):
+            if torch.is_grad_enabled():
+                self.records.append(make_record(args, kwargs, output))
+
+        return [self.module.register_forward_hook(hook, with_kwargs=True)]
+
+    def reset(self) -> None:
+        """Drops everything stored for the last call."""
+        self.records = []
+
+    def trainable(self, tensor: torch.Tensor | None) -> bool:
+        """Whether ``tensor`` is one of this owner's parameters."""
+        return tensor is not None and any(tensor is p for _, p in self.params)
+
+    def rows(self, tensor: torch.Tensor, n: int) -> torch.Tensor:
+        """Checks that ``tensor`` is batch-first with ``n`` rows.
+
+        Raises:
+            ValueError: naming the module, when the leading dimension is not the batch.
+        """
+        if tensor.dim() == 0 or tensor.shape[0] != n:
+            raise ValueError(
+                f"module {self.name!r} got a tensor of shape {tuple(tensor.shape)} whose first "
+                f"dimension is not the batch of {n} rows; the fast engine needs batch-first "
+                "inputs and outputs in every layer: use engine='vmap'"
+            )
+        return tensor
+
+    def sq_norms(self, b: int, k: int) -> torch.Tensor:
+        """Per-example squared gradient norm over this owner's parameters, shape ``(b,)``."""
+        raise NotImplementedError
+
+    def sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
+        """Σ_i factors[i]·g_i for each parameter in :attr:`params` (same order)."""
+        raise NotImplementedError
+
+
+def weighted_sum(factors: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
+    """Σ_i factors[i] · per_example[i] over the leading dimension."""
+    return torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)

@@ -1,0 +1,272 @@
+"""FastEngine against a loop over batches of one, layer type by layer type (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpmicroadam.privacy.fast import FastEngine, supports
+
+
+def ce(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def seq_ce(outputs, targets):
+    return F.cross_entropy(outputs.mean(1), targets, reduction="none")
+
+
+def reference(model, loss_fn, inputs, targets, clip_norm, augmult, params):
+    """Per-example gradients one example at a time, then flat clipping and the sum."""
+    sums = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in range(targets.shape[0]):
+        x = inputs[i] if augmult > 1 else inputs[i : i + 1]
+        t = targets[i : i + 1].repeat(augmult)
+        loss = loss_fn(model(x), t).sum() / augmult
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        factor = 1.0 if math.isinf(clip_norm) else min(1.0, clip_norm / norm.item())
+        for s, g in zip(sums, grads):
+            s += factor * g
+        norms.append(norm)
+    return sums, torch.stack(norms)
+
+
+def check(model, inputs, targets, loss_fn=ce, augmult=1, clip_norms=(1e-3, 0.5, math.inf)):
+    torch.manual_seed(0)
+    model = model.double()
+    if inputs.is_floating_point():
+        inputs = inputs.double()
+    engine = FastEngine(model, loss_fn)
+    assert engine.params == [p for p in model.parameters() if p.requires_grad]
+    for clip_norm in clip_norms:
+        sums, norms = engine.clipped_sum(inputs, targets, clip_norm, augmult=augmult)
+        ref_sums, ref_norms = reference(
+            model, loss_fn, inputs, targets, clip_norm, augmult, engine.params
+        )
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-9, atol=1e-12)
+        assert len(sums) == len(engine.params)
+        for s, r, p in zip(sums, ref_sums, engine.params):
+            assert s.shape == p.shape
+            torch.testing.assert_close(s, r, rtol=1e-9, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+    return engine
+
+
+def labels(b, classes=3):
+    return torch.arange(b) % classes
+
+
+class Flatten(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+class WSConv2d(nn.Conv2d):
+    """Scaled weight standardization, written independently of dpmicroadam.models."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1) * 1.3)
+
+    def forward(self, x):
+        w = self.weight
+        fan_in = w[0].numel()
+        mean = w.mean((1, 2, 3), keepdim=True)
+        var = w.var((1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) * self.gain / torch.sqrt(torch.clamp(fan_in * var, min=1e-4))
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Scale(nn.Module):
+    """A module with its own parameter and no fast rule: goes to the torch.func fallback."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.gain
+
+
+def test_linear_2d_and_inplace_activation():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 7), nn.ReLU(inplace=True), nn.Linear(7, 3))
+    check(model, torch.randn(5, 6), labels(5))
+
+
+def test_linear_3d_ghost_and_instantiated():
+    torch.manual_seed(2)
+    # (T=2, 8→16) picks the ghost norm; (T=12, 3→4) instantiates.
+    check(
+        nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)),
+        torch.randn(4, 2, 8),
+        labels(4),
+        loss_fn=seq_ce,
+    )
+    check(
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)),
+        torch.randn(4, 12, 3),
+        labels(4),
+        loss_fn=seq_ce,
+    )
+
+
+def test_conv1d():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv1d(4, 6, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv1d(6, 6, 3, groups=2, dilation=2, padding="same"),
+        Flatten(),
+        nn.LazyLinear(3),
+    )
+    model(torch.randn(1, 4, 11))
+    check(model, torch.randn(4, 4, 11), labels(4))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=3, padding=1, groups=2, bias=False),
+        dict(kernel_size=(3, 2), dilation=2, padding="same", padding_mode="reflect"),
+        dict(kernel_size=1),
+    ],
+)
+def test_conv2d(conv):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(4, 6, **conv), nn.Tanh(), Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, 4, 7, 6))
+    check(model, torch.randn(4, 4, 7, 6), labels(4))
+
+
+def test_weight_standardized_conv_with_augmult():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        WSConv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.GroupNorm(2, 4),
+        WSConv2d(4, 4, 3, stride=2, groups=2),
+        nn.Tanh(),
+        Flatten(),
+        nn.LazyLinear(3),
+    )
+    model(torch.randn(1, 3, 8, 8))
+    check(model, torch.randn(3, 2, 3, 8, 8), labels(3), augmult=2)
+
+
+def test_embedding_layernorm_with_padding_idx():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Embedding(7, 5, padding_idx=0), nn.LayerNorm(5), nn.Linear(5, 3))
+    tokens = torch.randint(0, 7, (6, 9))
+    check(model, tokens, labels(6), loss_fn=seq_ce)
+
+
+def test_groupnorm_and_frozen_layers_with_augmult():
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        Flatten(),
+        nn.LazyLinear(5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+    )
+    model(torch.randn(1, 2, 6, 6))
+    model[0].weight.requires_grad_(False)
+    model[4].requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    engine = check(model, torch.randn(4, 3, 2, 6, 6), labels(4), augmult=3)
+    assert len(engine.params) == 4
+
+
+def test_mixed_fast_and_fallback_layers():
+    torch.manual_seed(8)
+    attn = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Embedding(11, 8), attn, Scale(8), nn.Linear(8, 3))
+    assert supports(model)
+    check(model, torch.randint(0, 11, (3, 2, 5)), labels(3), loss_fn=seq_ce, augmult=2)
+
+
+def test_augmult_one_equals_no_view_axis_and_norms_scale():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    engine = FastEngine(model, ce)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    sums1, norms1 = engine.clipped_sum(x, labels(6), 0.1)
+    sums2, norms2 = engine.clipped_sum(x.unsqueeze(1).repeat(1, 2, 1), labels(6), 0.1, augmult=2)
+    torch.testing.assert_close(norms1, norms2)
+    for a, b in zip(sums1, sums2):
+        torch.testing.assert_close(a, b)
+    flat = torch.sqrt(sum(s.square().sum() for s in sums1))
+    assert flat <= 6 * 0.1 + 1e-12
+
+
+def test_float32_matches_float64():
+    torch.manual_seed(10)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        Flatten(),
+        nn.Linear(8 * 36, 10),
+    )
+    x, y = torch.randn(8, 3, 6, 6), labels(8, 10)
+    sums32, norms32 = FastEngine(model, ce).clipped_sum(x, y, 1.0)
+    model = model.double()
+    sums64, norms64 = FastEngine(model, ce).clipped_sum(x.double(), y, 1.0)
+    torch.testing.assert_close(norms32.double(), norms64, rtol=1e-5, atol=1e-6)
+    for a, b in zip(sums32, sums64):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weights_are_refused():
+    emb, head = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head)
+    assert not supports(model)
+    with pytest.raises(ValueError, match="tied"):
+        FastEngine(model, seq_ce)
+
+
+def test_functional_use_of_a_parameter_is_refused():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x) + F.linear(x, self.a.weight))
+
+    engine = FastEngine(Sneaky(), ce)
+    with pytest.raises(ValueError, match="a.weight"):
+        engine.clipped_sum(torch.randn(3, 4), labels(3), 1.0)
+
+
+def test_bad_arguments():
+    engine = FastEngine(nn.Linear(4, 3), ce)
+    x, y = torch.randn(3, 4), labels(3)
+    with pytest.raises(ValueError, match="clip_norm"):
+        engine.clipped_sum(x, y, 0.0)
+    with pytest.raises(ValueError, match="augmult"):
+        engine.clipped_sum(x, y, 1.0, augmult=0)
+    with pytest.raises(ValueError, match=r"\(b, 2, \.\.\.\)"):
+        engine.clipped_sum(x, y, 1.0, augmult=2)
+    with pytest.raises(ValueError, match="per-row"):
+        FastEngine(nn.Linear(4, 3), lambda o, t: F.cross_entropy(o, t)).clipped_sum(x, y, 1.0)
+    with pytest.raises(ValueError, match="params"):
+        FastEngine(nn.Linear(4, 3), ce, params=[nn.Parameter(torch.zeros(2))])
+
+
+def test_supports_prefers_fast_layers():
+    assert supports(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)))
+    assert not supports(nn.Sequential(Scale(300), nn.Linear(100, 1)))
