@@ -148,3 +148,34 @@ def test_rejected_accumulate_leaves_the_sum_untouched():
         pg.accumulate([torch.ones(3, 4), torch.ones(2)], 1)
     pg.release()
     assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+
+
+def test_discard_drops_the_pending_sum():
+    params = make_params()
+    pg = PrivateGradient(params, 1.0, 0.0, 4.0)
+    pg.accumulate(random_sums(1), 3)
+    pg.discard()
+    assert pg.count == 0
+    pg.state_dict()  # nothing pending any more
+    pg.release()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+
+
+def test_all_reduce_single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        params = make_params()
+        pg = PrivateGradient(params, 1.0, 0.0, 2.0)
+        sums = random_sums(1)
+        pg.accumulate(sums, 3)
+        pg.all_reduce()
+        assert pg.count == 3
+        pg.release()
+        for p, s in zip(params, sums):
+            torch.testing.assert_close(p.grad, s / 2)
+        with pytest.raises(ValueError, match="secure_noise=True draws different noise"):
+            PrivateGradient(params, 1.0, 1.0, 2.0, secure_noise=True).all_reduce()
+    finally:
+        dist.destroy_process_group()

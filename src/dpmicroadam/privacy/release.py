@@ -144,6 +144,38 @@ class PrivateGradient:
             acc.add_(s.to(device=acc.device, dtype=acc.dtype))
         self._count += int(count)
 
+    def discard(self) -> None:
+        """Drop the pending sum without releasing anything (e.g. after a non-finite gradient)."""
+        for acc in self._sums:
+            acc.zero_()
+        self._count = 0
+
+    def all_reduce(self, group: Any = None) -> None:
+        """Sum the pending clipped sums and counts over the ranks of a process group.
+
+        Call once per step on every rank, before ``release()``. Every rank then adds the
+        *same* noise (the generators must share a seed), so the replicas stay identical and
+        the noise is counted once; secure noise differs per rank and is refused.
+
+        Args:
+            group: A ``torch.distributed`` process group (None: the default group).
+
+        Raises:
+            ValueError: With ``secure_noise=True``.
+        """
+        if self.noise.secure:
+            raise ValueError(
+                "secure_noise=True draws different noise on each rank, so data-parallel "
+                "replicas would diverge; use a shared seed (secure_noise=False) with all_reduce"
+            )
+        import torch.distributed as dist
+
+        for acc in self._sums:
+            dist.all_reduce(acc, group=group)
+        count = torch.tensor([self._count], dtype=torch.int64, device=self._sums[0].device)
+        dist.all_reduce(count, group=group)
+        self._count = int(count.item())
+
     def release(self) -> ReleaseStats:
         """Write the noisy, normalised sum into ``p.grad``, then zero the sum.
 
