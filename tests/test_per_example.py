@@ -121,6 +121,21 @@ def test_dropout_must_be_off():
     assert engine.per_example_grads(x, y)[0].shape == (3, 4, 4)
 
 
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.dropout(x, 0.5, training=True))
+
+
+def test_functional_randomness_refused():
+    engine = VmapEngine(FunctionalDropout(), per_row_ce)
+    with pytest.raises(ValueError, match="draws random numbers"):
+        engine.per_example_grads(torch.randn(3, 4), torch.tensor([0, 1, 0]))
+
+
 def test_bad_inputs():
     model, x, y = make_case("mlp", b=3, augmult=2)
     engine = VmapEngine(model, per_row_ce)

@@ -238,7 +238,16 @@ class VmapEngine:
             return losses.mean()
 
         trainable = {n: p.detach() for n, p in zip(names, self.params)}
-        per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))(trainable, inputs, targets)
+        try:
+            per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))(trainable, inputs, targets)
+        except RuntimeError as err:
+            if "randomness" not in str(err):
+                raise
+            raise ValueError(
+                "the model's forward pass draws random numbers (e.g. functional dropout with "
+                "training=True); per-example gradients here must be deterministic: disable "
+                "the randomness (model.eval() or p=0)"
+            ) from err
         return [per_example[n] for n in names]
 
     def clipped_sum(
