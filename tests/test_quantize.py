@@ -1,0 +1,94 @@
+"""The error-feedback quantizer and MicroAdam's handling of non-finite gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpmicroadam.optim import MicroAdam
+from dpmicroadam.optim.quantize import dequantize, pack_codes, quantize, unpack_codes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("numel", "bucket"), [(1, 4), (7, 4), (1000, 64), (1024, 1024), (33, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip_error_is_at_most_half_a_step(bits, numel, bucket, dtype):
+    gen = torch.Generator().manual_seed(numel)
+    x = (
+        torch.randn(numel, generator=gen, dtype=dtype)
+        * torch.rand(numel, generator=gen, dtype=dtype)
+        * 10
+    )
+    packed, lo, hi = quantize(x, bits, bucket)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == (-(-numel // 2) if bits == 4 else numel)
+    y = dequantize(packed, lo, hi, bits, bucket, numel)
+    assert y.dtype == dtype
+    for b, start in enumerate(range(0, numel, bucket)):
+        xb, yb = x[start : start + bucket], y[start : start + bucket]
+        assert lo[b] == xb.min() and hi[b] == xb.max()
+        half_step = (hi[b] - lo[b]) / (2**bits - 1) / 2
+        slack = 4 * torch.finfo(dtype).eps * xb.abs().max()
+        assert (xb - yb).abs().max() <= half_step + slack
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_constant_bucket_decodes_exactly(bits):
+    x = torch.cat([torch.full((16,), 0.3), torch.full((16,), -7.25), torch.zeros(5)])
+    packed, lo, hi = quantize(x, bits, 16)
+    y = dequantize(packed, lo, hi, bits, 16, x.numel())
+    assert torch.equal(y, x)
+    assert torch.isfinite(y).all()
+
+
+def test_extremes_of_a_bucket_decode_exactly():
+    x = torch.tensor([-1.0, 0.2, 3.0, 0.7, 2.9, -0.99])
+    y = dequantize(*quantize(x, 4, 6), 4, 6, 6)
+    assert y[0] == -1.0 and y[2] == 3.0
+
+
+def test_nibble_packing_round_trips():
+    codes = torch.randint(
+        0, 16, (11,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    packed = pack_codes(codes, 4)
+    assert packed.numel() == 6
+    assert packed[0] == codes[0] | (codes[1] << 4)
+    assert torch.equal(unpack_codes(packed, 4, 11), codes)
+
+
+@pytest.mark.parametrize("impl", ["fast", "loop"])
+@pytest.mark.parametrize("ef_bits", [4, None])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gradient_raises_naming_parameter_and_leaves_state(impl, ef_bits, bad):
+    a = torch.randn(40).requires_grad_()
+    b = torch.randn(3, 5).requires_grad_()
+    opt = MicroAdam(
+        [{"params": [a]}, {"params": [b]}], density=0.2, ef_bits=ef_bits, implementation=impl
+    )
+    a.grad, b.grad = torch.randn(40), torch.randn(3, 5)
+    opt.step()
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in (a, b)}
+    values = {p: p.detach().clone() for p in (a, b)}
+    a.grad = torch.randn(40)
+    b.grad = torch.randn(3, 5)
+    b.grad[1, 2] = bad
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 1 \(shape \(3, 5\)\)"):
+        opt.step()
+    for p in (a, b):
+        assert torch.equal(p, values[p])
+        for k, v in before[p].items():
+            assert torch.equal(opt.state[p][k], v)
+            if v.is_floating_point():
+                assert torch.isfinite(opt.state[p][k]).all()
+
+
+def test_overflow_of_gradient_plus_error_feedback_never_stores_nan():
+    p = torch.zeros(8).requires_grad_()
+    opt = MicroAdam([p], density=0.125, ef_bits=None)
+    p.grad = torch.tensor([0.0, 0, 0, 0, 0, 0, 3e38, 3.4e38])
+    opt.step()  # 3.4e38 is selected, 3e38 stays in the error feedback
+    p.grad = torch.tensor([0.0, 0, 0, 0, 0, 0, 3e38, 0])
+    with pytest.raises(ValueError, match="overflowed"):
+        opt.step()
+    assert torch.isfinite(opt.state[p]["ef"]).all()
