@@ -11,11 +11,13 @@ from dpmicroadam.data.datasets import (
 )
 from dpmicroadam.data.download import download_file, verify_file
 from dpmicroadam.data.image_dataset import ImageDataset
+from dpmicroadam.data.sampler import PoissonSampler
 
 __all__ = [
     "DATASET_NAMES",
     "DIGITS_SPLIT_SEED",
     "NORMALIZATION",
+    "PoissonSampler",
     "ImageDataset",
     "augment_views",
     "default_data_dir",
