@@ -1,0 +1,122 @@
+"""Privacy auditing: the one-run bound (arXiv 2305.08846) and audits of real training runs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpmicroadam.accounting.audit import (
+    audit_p_value,
+    epsilon_lower_bound,
+    max_epsilon_lower_bound,
+)
+
+# ----------------------------------------------------------------------------- the bound
+
+
+@pytest.mark.parametrize("r", [1, 10, 100, 1000, 5000])
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_all_correct_matches_the_closed_form(r, confidence):
+    # δ = 0, v = r: the bound is q^r with q = e^ε/(1+e^ε); q^r = α ⟺ r·log(1+e^{−ε}) = log(1/α).
+    alpha = 1 - confidence
+    closed = max(0.0, -math.log(alpha ** (-1 / r) - 1))
+    assert max_epsilon_lower_bound(r, confidence) == pytest.approx(closed, rel=1e-12)
+    assert epsilon_lower_bound(r, r, r, confidence) == pytest.approx(closed, abs=2e-6)
+    if closed > 0:
+        q = 1 / (1 + math.exp(-closed))
+        assert q**r == pytest.approx(alpha, rel=1e-9)
+
+
+def test_known_values_of_the_best_achievable_bound():
+    # Values of −log(20^{1/r} − 1) (95 %): what r perfect guesses can show at most.
+    expected = {100: 3.4930, 500: 5.1144, 1000: 5.8091, 2000: 6.5030}
+    for r, eps in expected.items():
+        assert max_epsilon_lower_bound(r) == pytest.approx(eps, abs=1e-4)
+    # Too few guesses certify nothing: 1 − 0.5^r must exceed the confidence.
+    assert max_epsilon_lower_bound(4) == 0.0
+    assert max_epsilon_lower_bound(5) > 0.0
+
+
+def test_p_value_without_delta_is_the_binomial_tail():
+    for m, r, v, eps in [(100, 50, 40, 1.0), (1000, 200, 150, 0.5), (10, 10, 3, 2.0)]:
+        q = math.exp(eps) / (1 + math.exp(eps))
+        want = sum(stats.binom.pmf(k, r, q) for k in range(v, r + 1))
+        assert audit_p_value(m, r, v, eps) == pytest.approx(want, rel=1e-9)
+
+
+def test_p_value_delta_term_matches_a_direct_sum():
+    m, r, v, eps, delta = 500, 80, 60, 1.2, 1e-4
+    q = 1 / (1 + math.exp(-eps))
+    f = lambda u: stats.binom.sf(u - 1, r, q)  # noqa: E731  P[Bin >= u]
+    slack = max((f(v - i) - f(v)) / i for i in range(1, v + 1))
+    assert audit_p_value(m, r, v, eps, delta) == pytest.approx(f(v) + 2 * m * delta * slack)
+    assert audit_p_value(m, r, v, eps, delta) > audit_p_value(m, r, v, eps)
+
+
+def test_lower_bound_is_where_the_p_value_crosses_alpha():
+    m, r, v = 1000, 400, 330
+    eps = epsilon_lower_bound(m, r, v, 0.95)
+    assert eps > 0
+    assert audit_p_value(m, r, v, eps) <= 0.05
+    assert audit_p_value(m, r, v, eps + 1e-4) > 0.05
+
+
+def test_bound_grows_with_correct_guesses_and_shrinks_with_abstention():
+    m = 1000
+    bounds = [epsilon_lower_bound(m, 500, v) for v in range(260, 501, 20)]
+    assert all(a < b for a, b in zip(bounds, bounds[1:]))
+    # Same accuracy (90 %), fewer guesses: less evidence, smaller bound.
+    by_r = [epsilon_lower_bound(m, r, int(0.9 * r)) for r in (1000, 500, 200, 100, 50)]
+    assert all(a > b for a, b in zip(by_r, by_r[1:]))
+    # Higher confidence asks for more evidence.
+    assert epsilon_lower_bound(m, 500, 400, 0.99) < epsilon_lower_bound(m, 500, 400, 0.95)
+    # δ > 0 can only weaken the bound.
+    assert epsilon_lower_bound(m, 500, 400, delta=1e-5) <= epsilon_lower_bound(m, 500, 400)
+    assert epsilon_lower_bound(m, 500, 400, delta=1e-3) < epsilon_lower_bound(m, 500, 400)
+
+
+def test_chance_level_guessing_certifies_nothing():
+    assert epsilon_lower_bound(1000, 1000, 500) == 0.0
+    assert epsilon_lower_bound(1000, 0, 0) == 0.0
+    assert epsilon_lower_bound(1000, 100, 0) == 0.0
+
+
+def test_bound_is_valid_for_randomized_response():
+    # ε-DP randomized response on every canary: the 95 % bound must exceed ε at most ~5 % of the
+    # time (the guarantee is one-sided and conservative).
+    rng = np.random.default_rng(0)
+    eps, m, trials = 1.0, 400, 200
+    p_true = math.exp(eps) / (1 + math.exp(eps))
+    v = rng.binomial(m, p_true, size=trials)
+    over = sum(epsilon_lower_bound(m, m, int(k), 0.95) > eps for k in v)
+    assert over <= 0.05 * trials + 3 * math.sqrt(0.05 * 0.95 * trials)
+    # and the bound is informative: at this accuracy it is usually well above 0
+    assert np.median([epsilon_lower_bound(m, m, int(k)) for k in v[:20]]) > 0.5 * eps
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(m=10, r=11, v=1), ValueError, "v .correct guesses. <= r"),
+        (dict(m=10, r=5, v=6), ValueError, "<= r"),
+        (dict(m=10, r=5, v=-1), ValueError, "0 <= v"),
+        (dict(m=10.5, r=5, v=1), TypeError, "m must be an int"),
+        (dict(m=10, r=5, v=1, confidence=1.0), ValueError, "confidence"),
+        (dict(m=10, r=5, v=1, confidence=0), ValueError, "confidence"),
+        (dict(m=10, r=5, v=1, delta=-1e-5), ValueError, "delta"),
+        (dict(m=10, r=5, v=1, delta=1.0), ValueError, "delta"),
+    ],
+)
+def test_bad_inputs_are_refused(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        epsilon_lower_bound(**kwargs)
+
+
+def test_negative_epsilon_and_bad_r_are_refused():
+    with pytest.raises(ValueError, match="epsilon"):
+        audit_p_value(10, 5, 3, -0.1)
+    with pytest.raises(ValueError, match="r .number of guesses."):
+        max_epsilon_lower_bound(0)
