@@ -1,0 +1,241 @@
+"""Tables and plots of a sweep's results (mean ± std over seeds)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+SETTING_KEYS = (
+    "optimizer",
+    "target_epsilon",
+    "clip_norm",
+    "lr",
+    "lr_schedule",
+    "momentum",
+    "batch_size",
+    "epochs",
+    "density",
+    "window_size",
+    "ef_bits",
+    "augmult",
+)
+# For each tag: the column on the x axis of its plot, and whether that axis is logarithmic.
+PLOTS = {
+    "epsilon": ("target_epsilon", False),
+    "clip": ("clip_norm", True),
+    "density": ("density", True),
+    "tune": ("lr", True),
+    "schedule": ("lr_schedule", False),
+}
+
+
+def _f(v: str) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x
+
+
+def group_rows(rows: list[dict[str, str]]) -> dict[tuple, list[dict[str, str]]]:
+    """Rows grouped by (tag, settings without the seed)."""
+    groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["tag"], *(r.get(k, "") for k in SETTING_KEYS))].append(r)
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """One record per (tag, settings): seeds, val and test accuracy mean ± std, ε spent."""
+    out = []
+    for key, members in group_rows(rows).items():
+        ok = [m for m in members if m["status"] == "ok"]
+        val = [v for v in (_f(m["val_accuracy"]) for m in ok) if v is not None]
+        test = [v for v in (_f(m["test_accuracy"]) for m in ok) if v is not None]
+        eps = [v for v in (_f(m["epsilon"]) for m in ok) if v is not None]
+        rec = dict(zip(("tag", *SETTING_KEYS), key))
+        rec.update(
+            seeds=len(members),
+            diverged=len(members) - len(ok),
+            val=mean_std(val),
+            test=mean_std(test),
+            epsilon=max(eps) if eps else None,
+            wall=sum(_f(m["wall_seconds"]) or 0.0 for m in members),
+        )
+        out.append(rec)
+    return out
+
+
+def best_by_validation(
+    records: list[dict[str, Any]], tag: str = "tune"
+) -> dict[str, dict[str, Any]]:
+    """For each optimizer, the setting of ``tag`` with the best mean validation accuracy."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["tag"] != tag or r["val"][0] != r["val"][0]:
+            continue
+        if r["optimizer"] not in best or r["val"][0] > best[r["optimizer"]]["val"][0]:
+            best[r["optimizer"]] = r
+    return best
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    head = (
+        "| tag | optimizer | ε target | ε spent | C | lr | schedule | momentum | density | m | "
+        "seeds | val acc | test acc |\n|" + "---|" * 13 + "\n"
+    )
+    lines = []
+    for r in sorted(
+        records,
+        key=lambda r: (
+            r["tag"],
+            r["optimizer"],
+            _f(r["target_epsilon"]) or 0,
+            _f(r["clip_norm"]) or 0,
+            _f(r["lr"]) or 0,
+        ),
+    ):
+        eps = f"{r['epsilon']:.3f}" if r["epsilon"] is not None else "–"
+        div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+        lines.append(
+            f"| {r['tag']} | {r['optimizer']} | {r['target_epsilon']} | {eps} | {r['clip_norm']} | "
+            f"{r['lr']} | {r['lr_schedule']} | {r['momentum']} | {r['density']} | "
+            f"{r['window_size']} | {r['seeds']}{div} | {_pm(r['val'])} | {_pm(r['test'])} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def _pm(ms: tuple[float, float]) -> str:
+    m, s = ms
+    if m != m:
+        return "–"
+    return f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def write_report(rows: list[dict[str, str]], results_dir: Path, name: str) -> list[Path]:
+    """Write ``<name>.md`` (table) and PNG plots next to the CSV. Returns the written paths."""
+    results_dir = Path(results_dir)
+    records = summarize(rows)
+    written = [results_dir / f"{name}.md"]
+    best = best_by_validation(records)
+    text = f"# Sweep `{name}`\n\n{len(rows)} runs. Mean ± std over seeds, accuracy in %.\n\n"
+    if best:
+        text += "Best setting per optimizer on the validation split (tag `tune`):\n\n"
+        for opt, r in sorted(best.items()):
+            text += (
+                f"- {opt}: lr {r['lr']}, C {r['clip_norm']}, momentum {r['momentum']}, "
+                f"density {r['density']}, m {r['window_size']} → val {_pm(r['val'])}, "
+                f"test {_pm(r['test'])}\n"
+            )
+        text += "\n"
+    text += markdown_table(records)
+    written[0].write_text(text)
+    if records:
+        written += _plots(records, results_dir, name)
+        written += _learning_curves(rows, results_dir, name)
+    return written
+
+
+def _plots(records: list[dict[str, Any]], results_dir: Path, name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    written = []
+    for tag, (xkey, xlog) in PLOTS.items():
+        recs = [r for r in records if r["tag"] == tag and r["test"][0] == r["test"][0]]
+        if not recs:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+        by_opt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in recs:
+            by_opt[r["optimizer"] if tag != "tune" else f"{r['optimizer']}"].append(r)
+        for opt, rs in sorted(by_opt.items()):
+            if tag == "tune":  # best test-free view: validation accuracy against lr, per optimizer
+                pts = defaultdict(list)
+                for r in rs:
+                    pts[_f(r["lr"])].append(r["val"][0])
+                xs = sorted(pts)
+                ax.plot(xs, [max(pts[x]) for x in xs], marker="o", label=opt)
+                continue
+            if xkey == "lr_schedule":
+                xs = [r[xkey] for r in rs]
+            else:
+                rs = sorted(rs, key=lambda r: _f(r[xkey]) or 0)
+                xs = [_f(r[xkey]) for r in rs]
+            ax.errorbar(
+                xs,
+                [100 * r["test"][0] for r in rs],
+                yerr=[100 * r["test"][1] for r in rs],
+                marker="o",
+                capsize=3,
+                label=opt,
+            )
+        if xlog:
+            ax.set_xscale("log")
+        ax.set_xlabel(xkey if tag != "tune" else "lr (best over other settings)")
+        ax.set_ylabel("validation accuracy" if tag == "tune" else "test accuracy (%)")
+        ax.set_title(f"{name}: {tag}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = results_dir / f"{name}-{tag}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _learning_curves(rows: list[dict[str, str]], results_dir: Path, name: str) -> list[Path]:
+    """Test accuracy against epoch for the best-validation run of each optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    best: dict[str, dict[str, str]] = {}
+    for r in rows:
+        v = _f(r["val_accuracy"])
+        if (
+            r["status"] == "ok"
+            and v is not None
+            and (r["optimizer"] not in best or v > (_f(best[r["optimizer"]]["val_accuracy"]) or 0))
+        ):
+            best[r["optimizer"]] = r
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+    drew = False
+    for opt, r in sorted(best.items()):
+        path = results_dir / "runs" / name / r["run_id"] / "metrics.jsonl"
+        if not path.exists():
+            continue
+        pts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        ax.plot(
+            [p["epoch"] for p in pts],
+            [100 * p["test_accuracy"] for p in pts],
+            marker=".",
+            label=f"{opt} (ε={r['target_epsilon']}, lr={r['lr']})",
+        )
+        drew = True
+    if not drew:
+        plt.close(fig)
+        return []
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{name}: learning curves of the best-validation runs", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = results_dir / f"{name}-curves.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return [out]
