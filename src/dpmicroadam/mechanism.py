@@ -136,6 +136,10 @@ class DPMechanism:
         model: The model; every parameter with ``requires_grad`` is trained privately. Modules
             that mix examples (BatchNorm) are refused.
         loss_fn: ``loss_fn(outputs, targets)`` returning per-row losses (``reduction="none"``).
+        process_group: For data-parallel training (``dpmicroadam.train.distributed``): every rank
+            draws the same batch from :meth:`sample`, passes only its share to :meth:`privatize`;
+            the clipped sums are all-reduced and every rank adds the same noise draw (one draw of
+            std σC per step, identical seeds), so the release is identical on every rank.
 
     Example:
         >>> mech = DPMechanism(DPConfig(dataset_size=N, expected_batch_size=256, clip_norm=1.0,
@@ -162,8 +166,16 @@ class DPMechanism:
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         seed = config.seed
+        if process_group is not None and config.secure_noise:
+            raise ValueError(
+                "secure_noise=True with a process_group: each rank would draw different noise and "
+                "the replicas would diverge; use a shared seed (secure_noise=False) for "
+                "data-parallel training"
+            )
         if seed is None and not config.secure_noise:
             seed = int.from_bytes(os.urandom(7), "little")
+            if process_group is not None:  # every rank must sample and noise alike: use rank 0's
+                seed = _broadcast(seed, process_group)
             config.seed = seed
         self.sampler = PoissonSampler(
             config.dataset_size, config.sample_rate, seed=derive_seed(seed or 0, "sampler")
@@ -248,12 +260,14 @@ class DPMechanism:
                 "the accountant's Poisson assumption holds"
             )
         n = _batch_len(inputs)
-        if n != self._pending or int(targets.shape[0]) != n:
+        # Data-parallel: each rank passes its share; the total is checked after the all-reduce.
+        expected = n if self.process_group is not None else self._pending
+        if n != expected or int(targets.shape[0]) != n:
             raise ValueError(
                 f"the batch has {n} inputs and {int(targets.shape[0])} targets but sample() drew "
                 f"{self._pending} indices: pass x[idx], y[idx] for the indices sample() returned"
             )
-        clipped = 0
+        clipped, bad = 0, False
         pbs = self.config.physical_batch_size
         augmult = self.config.augmult
         for start in range(0, n, pbs):
@@ -262,15 +276,26 @@ class DPMechanism:
                 _slice(inputs, sl), targets[sl], self.config.clip_norm, augmult=augmult
             )
             if not bool(torch.isfinite(norms).all()):
-                self.gradient.discard()
-                self._pending = None
-                raise NonFiniteGradientError(
-                    "a per-example gradient is NaN or infinite (loss diverged or bad input); "
-                    "nothing was released. Lower the learning rate or check the data."
-                )
+                bad = True
+                break
             clipped += int((norms > self.config.clip_norm).sum())
             self.gradient.accumulate(sums, int(norms.shape[0]))
+        if self._any_rank(bad):  # every rank raises together, none waits in the all-reduce
+            self.gradient.discard()
+            self._pending = None
+            raise NonFiniteGradientError(
+                "a per-example gradient is NaN or infinite (loss diverged or bad input); "
+                "nothing was released. Lower the learning rate or check the data."
+            )
         self._reduce_across_ranks()
+        if self.gradient.count != self._pending:
+            self.gradient.discard()
+            self._pending = None
+            raise ValueError(
+                f"the ranks passed {self.gradient.count} examples in total but sample() drew "
+                f"{self._pending}: each rank must pass only its share "
+                "(dpmicroadam.train.distributed.shard(idx, rank, world_size))"
+            )
         stats = self.gradient.release()
         self.accountant.step()
         self._pending = None
@@ -284,6 +309,15 @@ class DPMechanism:
         if reduce is None:  # pragma: no cover - guarded by the distributed module
             raise RuntimeError("this PrivateGradient cannot all-reduce")
         reduce(self.process_group)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.process_group is None:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], device=self.params[0].device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(t.item())
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: the config's target δ)."""
@@ -303,6 +337,14 @@ class DPMechanism:
         self.sampler.load_state_dict(state["sampler"])
         self.gradient.load_state_dict(state["gradient"])
         self.accountant.load_state_dict(state["accountant"])
+
+
+def _broadcast(value: Any, group: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
 
 
 def _batch_len(inputs: Any) -> int:
