@@ -19,6 +19,7 @@ from dpmicroadam.data.sampler import PoissonSampler
 from dpmicroadam.mechanism import DPConfig, DPMechanism, NonFiniteGradientError, derive_seed
 from dpmicroadam.models import build_model
 from dpmicroadam.optim import state_bytes
+from dpmicroadam.train import distributed
 from dpmicroadam.train.builders import build_optimizer, build_schedule
 from dpmicroadam.train.checkpoint import load_checkpoint, save_checkpoint
 from dpmicroadam.train.config import TrainConfig, resolve_config, steps_for
@@ -63,10 +64,21 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, stop_after: int | None = None) -> None:
         self.cfg = cfg
         self.stop_after = stop_after  # tests: stop (as if killed) after this many steps
+        self._owns_group = distributed.launched_by_torchrun() and not _dist_initialized()
+        self.dist = distributed.setup(cfg.device)  # torchrun: W data-parallel replicas
         self.device = torch.device(cfg.device)
-        self.out = Path(cfg.out or _default_out(cfg))
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.enabled and not cfg.private:
+            raise ValueError(
+                f"--optimizer {cfg.optimizer} under torchrun: data-parallel training is "
+                "implemented for the private (dp-*) optimizers; run non-private baselines "
+                "in one process"
+            )
+        self.out = Path(self.dist.broadcast_object(cfg.out or _default_out(cfg)))
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_resume()
+        self.dist.barrier()  # every rank has read the old run before rank 0 rewrites anything
 
         splits, self.model = self.build_task()
         x_tr, y_tr, x_val, y_val, x_test, y_test = splits
@@ -104,6 +116,7 @@ class Trainer:
                 ),
                 self.model,
                 cross_entropy_per_row,
+                process_group=self.dist.group if self.dist.enabled else None,
             )
             self.sampler = self.mechanism.sampler
         else:
@@ -122,7 +135,13 @@ class Trainer:
         self.eval_every = cfg.eval_every or max(1, self.total_steps // n_evals)
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
         self._resume_state()
-        (self.out / "config.json").write_text(json.dumps(self._config_record(), indent=2))
+        distributed.check_replicas_agree(
+            self.dist,
+            "config, initial parameters and optimizer state",
+            [distributed.fingerprint(self._config_record()), *self._replica_tensors()],
+        )
+        if self.dist.is_main:
+            (self.out / "config.json").write_text(json.dumps(self._config_record(), indent=2))
 
     def build_task(self) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
         """Data splits (x_train, y_train, x_val, y_val, x_test, y_test) and the seeded model.
@@ -156,7 +175,7 @@ class Trainer:
                     f"{str(self.out)!r} already holds a run; pass --resume to continue it or choose "
                     "another --out"
                 )
-            if self.metrics_path_exists():
+            if self.metrics_path_exists() and self.dist.is_main:
                 (self.out / "metrics.jsonl").unlink()
             return
         if saved.exists():
@@ -190,9 +209,22 @@ class Trainer:
         self.augment_rng.set_state(state["augment_rng"])
         self.step = int(state["step"])
         self.wall_before = float(state["wall_seconds"])
-        self.metrics.truncate(self.step)
+        if self.dist.is_main:
+            self.metrics.truncate(self.step)
+
+    def _replica_tensors(self) -> list[torch.Tensor]:
+        """What must be identical on every data-parallel rank (checked before each save)."""
+        return list(distributed.state_tensors(self.model.state_dict(), self.optimizer.state_dict()))
 
     def _save(self, wall: float) -> None:
+        # Collective: every rank checks the replicas agree, then only rank 0 writes (atomically).
+        distributed.check_replicas_agree(
+            self.dist,
+            f"parameters and optimizer state at step {self.step}",
+            self._replica_tensors(),
+        )
+        if not self.dist.is_main:
+            return
         state: dict[str, Any] = {
             "step": self.step,
             "wall_seconds": wall,
@@ -212,12 +244,19 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.mechanism.sample() if self.mechanism else self.sampler.sample()
+        # Data-parallel: every rank drew the same batch; it keeps its contiguous share.
+        share = distributed.shard(torch.arange(idx.numel()), self.dist.rank, self.dist.world_size)
+        if self.cfg.augmult == 1:
+            idx = idx[share]
         idx = idx.to(self.device)
         x, y = self.x_tr[idx], self.y_tr[idx]
         if self.cfg.augmult > 1:
             pad, flip = (4, True) if self.cfg.dataset == "cifar10" else (2, False)
+            # The whole batch is augmented on every rank so augment_rng stays in lock step (and
+            # the views equal the one-process run's); then each rank keeps its share.
             x = augment_views(x.cpu(), self.cfg.augmult, self.augment_rng, pad=pad, flip=flip)
-            x = x.to(self.device)
+            share = share.to(self.device)
+            x, y = x.to(self.device)[share], y[share]
         return x, y
 
     def _train_step(self) -> dict[str, float]:
@@ -289,7 +328,8 @@ class Trainer:
         }
         if "train_loss" in stats and self.cfg.log_train_loss:
             row["train_loss"] = stats["train_loss"]
-        self.metrics.append(row)
+        if self.dist.is_main:
+            self.metrics.append(row)
         return row
 
     # ------------------------------------------------------------------ run
@@ -300,7 +340,7 @@ class Trainer:
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            disable=not self.cfg.progress,
+            disable=not (self.cfg.progress and self.dist.is_main),
             desc=f"{self.cfg.optimizer} on {self.cfg.dataset}",
             file=sys.stderr,
             dynamic_ncols=True,
@@ -310,7 +350,8 @@ class Trainer:
         eps_now = self.mechanism.epsilon() if self.mechanism and self.step else 0.0
         try:
             while self.step < self.total_steps:
-                stats = self._train_step()
+                with distributed.collective_errors(self.dist, f"step {self.step + 1}"):
+                    stats = self._train_step()
                 wall = self.wall_before + time.perf_counter() - start_time
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     last = self._log_eval(wall, stats)
@@ -327,13 +368,17 @@ class Trainer:
                 bar.update(1)
                 if self.stop_after is not None and self.step >= self.stop_after:
                     return {"stopped_at": self.step}
+            wall = self.wall_before + time.perf_counter() - start_time
+            summary = self._summary(last, wall)
+            if self.dist.is_main:
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+                plot_run(self.metrics.rows, self.out, f"{self.cfg.optimizer} · {self.cfg.dataset}")
+            self.dist.barrier()
+            return summary
         finally:
             bar.close()
-        wall = self.wall_before + time.perf_counter() - start_time
-        summary = self._summary(last, wall)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_run(self.metrics.rows, self.out, f"{self.cfg.optimizer} · {self.cfg.dataset}")
-        return summary
+            if self._owns_group:
+                distributed.shutdown(self.dist)
 
     def _summary(self, last: dict[str, Any], wall: float) -> dict[str, Any]:
         n_params = sum(p.numel() for p in self.params)
@@ -371,7 +416,14 @@ class Trainer:
             "wall_seconds": round(wall, 2),
             "defaults_source": self.cfg.defaults_source,
             "out": str(self.out),
+            "world_size": self.dist.world_size,
         }
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _default_out(cfg: TrainConfig) -> str:
