@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 import warnings
 
 import dp_accounting
@@ -141,6 +142,27 @@ def test_calibration_inverts_epsilon(
     assert spent >= 0.99 * target  # and does not waste budget
     # Minimal up to the tolerance: a bit less noise would exceed the budget.
     assert epsilon(sigma / 1.003, q, steps, delta, kind) > target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ACCOUNTANTS)
+@pytest.mark.parametrize("target", [0.5, 2.0, 8.0])
+@pytest.mark.parametrize(("q", "steps"), [(0.001, 5000), (0.01, 300), (CIFAR_Q, 3000), (1.0, 20)])
+def test_calibration_never_overshoots_grid(kind: str, target: float, q: float, steps: int) -> None:
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant=kind)
+    spent = epsilon(sigma, q, steps, 1e-5, kind)
+    assert spent <= target
+    assert epsilon(sigma / 1.003, q, steps, 1e-5, kind) > target
+    if kind == "pld":  # smooth in σ (RDP can step down where the best order changes)
+        assert spent >= 0.99 * target
+
+
+def test_calibration_is_cached() -> None:
+    args = (4.0, 1e-5, 0.02, 700)
+    first = calibrate_noise_multiplier(*args)
+    start = time.perf_counter()
+    assert calibrate_noise_multiplier(*args) == first
+    assert time.perf_counter() - start < 0.01
 
 
 def test_calibration_matches_spec_cifar_point() -> None:
