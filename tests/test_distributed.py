@@ -1,0 +1,237 @@
+"""Data-parallel private training on torch.distributed: 2 gloo processes on CPU vs one process.
+
+Sums over a different grouping of the examples (two shards, then all-reduce) round differently
+from one long sum, so "equal to the one-process run" means equal to float tolerance; the ranks
+among themselves must agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from scipy import stats
+from torch import nn
+
+from dpmicroadam.mechanism import DPConfig, DPMechanism
+from dpmicroadam.optim import MicroAdam
+from dpmicroadam.train import distributed
+
+N, B, STEPS = 48, 16.0, 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _model(kind: str) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if kind == "wide":  # 10 100 parameters: a tight estimate of the noise std
+            return nn.Linear(100, 100)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+
+def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def _zero_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return out.sum(1) * 0.0  # every per-example gradient is exactly zero
+
+
+def _train(sigma: float, group, rank: int, world: int) -> dict:
+    """STEPS private MicroAdam steps; rank r passes its share of each Poisson batch."""
+    model = _model("mlp")
+    x, y = _data()
+    cfg = DPConfig(
+        dataset_size=N,
+        expected_batch_size=B,
+        clip_norm=0.5,
+        noise_multiplier=sigma,
+        target_delta=1e-3,
+        seed=7,
+        physical_batch_size=3,  # shares split into unequal numbers of micro-batches
+        engine="vmap",
+    )
+    mech = DPMechanism(cfg, model, _ce, process_group=group)
+    opt = MicroAdam(model.parameters(), lr=1e-2, density=0.5, window_size=2)
+    grads, sizes = [], []
+    for _ in range(STEPS):
+        idx = mech.sample()
+        part = distributed.shard(idx, rank, world)
+        out = mech.privatize(x[part], y[part])
+        sizes.append(out["batch_size"])
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return {
+        "grads": grads,
+        "sizes": sizes,
+        "params": [p.detach().clone() for p in model.parameters()],
+        "opt": opt.state_dict(),
+        "sampler": mech.sampler.state_dict(),
+        "steps": mech.accountant.steps,
+    }
+
+
+def _noise(group) -> list[torch.Tensor]:
+    model = _model("wide")
+    cfg = DPConfig(
+        dataset_size=N,
+        expected_batch_size=B,
+        clip_norm=1.5,
+        noise_multiplier=2.0,
+        target_delta=1e-3,
+        seed=11,
+        engine="vmap",
+    )
+    mech = DPMechanism(cfg, model, _zero_loss, process_group=group)
+    idx = mech.sample()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if group is not None else (0, 1)
+    part = distributed.shard(idx, rank, world)
+    mech.privatize(torch.randn(len(part), 100), torch.zeros(len(part), dtype=torch.long))
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _misuse(group) -> dict:
+    out = {}
+    x, y = _data()
+    cfg = dict(dataset_size=N, expected_batch_size=B, clip_norm=1.0, target_delta=1e-3, seed=1)
+    try:
+        DPMechanism(
+            DPConfig(noise_multiplier=1.0, secure_noise=True, **{**cfg, "seed": None}),
+            _model("mlp"),
+            _ce,
+            process_group=group,
+        )
+    except ValueError as err:
+        out["secure"] = str(err)
+    mech = DPMechanism(
+        DPConfig(noise_multiplier=1.0, **cfg), _model("mlp"), _ce, process_group=group
+    )
+    idx = mech.sample()
+    try:  # forgot to shard: every rank passes the whole batch
+        mech.privatize(x[idx], y[idx])
+    except ValueError as err:
+        out["unsharded"] = str(err)
+    return out
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two processes share the CPU
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        result = {
+            "train0": _train(0.0, group, rank, world),
+            "train1": _train(1.0, group, rank, world),
+            "noise": _noise(group),
+            "misuse": _misuse(group),
+        }
+    except Exception:  # pragma: no cover - shown by the test
+        result = {"error": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, start_method="spawn")
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in results:
+        assert "error" not in r, r.get("error")
+    return results
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("key, sigma", [("train0", 0.0), ("train1", 1.0)])
+def test_two_ranks_equal_one_process(two_ranks, key, sigma):
+    single = _train(sigma, None, 0, 1)
+    for r in two_ranks:
+        res = r[key]
+        assert res["sizes"] == single["sizes"]  # all-reduced count = the whole Poisson batch
+        for g2, g1 in zip(res["grads"], single["grads"], strict=True):
+            _close(g2, g1)  # σ > 0: the same noise draw, added once
+        _close(res["params"], single["params"])
+        assert res["steps"] == STEPS  # one accountant event per step
+        # sharding draws nothing: the sampler is where the one-process sampler is
+        assert torch.equal(res["sampler"]["generator_state"], single["sampler"]["generator_state"])
+    a, b = (r[key] for r in two_ranks)
+    assert all(_equal(u, v) for u, v in zip(a["grads"], b["grads"]))
+    assert _equal(a["params"], b["params"])
+    sa = list(distributed.state_tensors(a["opt"]))
+    sb = list(distributed.state_tensors(b["opt"]))
+    assert sa and _equal(sa, sb)
+
+
+def test_noise_std_is_sigma_c_over_b_added_once(two_ranks):
+    expected = 2.0 * 1.5 / B
+    g0, g1 = (torch.cat([t.flatten() for t in r["noise"]]) for r in two_ranks)
+    assert torch.equal(g0, g1)
+    single = torch.cat([t.flatten() for t in _noise(None)])
+    torch.testing.assert_close(g0, single)  # the one-process noise draw, not W draws
+    assert abs(float(g0.std()) / expected - 1) < 0.03
+    z = g0.double().numpy()
+    assert stats.kstest(z / expected, "norm").pvalue > 1e-3
+    for wrong in (2 / 3, 3 / 2, math.sqrt(2)):  # √2: independent noise on each of 2 ranks
+        assert stats.kstest(z / (wrong * expected), "norm").pvalue < 1e-6
+
+
+def test_misuse_is_refused_on_every_rank(two_ranks):
+    for r in two_ranks:
+        assert "secure_noise" in r["misuse"]["secure"]
+        assert "its share" in r["misuse"]["unsharded"]
+
+
+def test_shard_partitions_the_batch():
+    idx = torch.tensor([0, 3, 4, 9, 11, 12, 20])
+    for world in (1, 2, 3, 8):
+        parts = [distributed.shard(idx, r, world) for r in range(world)]
+        assert torch.equal(torch.cat(parts), idx)
+        assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    empty = torch.zeros(0, dtype=torch.long)
+    assert distributed.shard(empty, 1, 2).numel() == 0
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="rank|world_size"):
+            distributed.shard(idx, rank, world)
+
+
+def test_single_process_context_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = distributed.setup("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.enabled, ctx.is_main) == (0, 1, False, True)
+    ctx.barrier()
+    assert ctx.broadcast_object("x") == "x"
+    distributed.check_replicas_agree(ctx, "nothing", [torch.ones(2)])
+
+
+def test_checksum_sees_order_and_value():
+    a = distributed.checksum([torch.tensor([1.0, 2.0])])
+    assert not torch.equal(a, distributed.checksum([torch.tensor([2.0, 1.0])]))
+    assert not torch.equal(a, distributed.checksum([torch.tensor([1.0, 2.0 + 1e-6])]))
+    assert torch.equal(a, distributed.checksum([torch.tensor([1.0, 2.0])]))
