@@ -270,3 +270,52 @@ def test_bad_arguments():
 def test_supports_prefers_fast_layers():
     assert supports(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)))
     assert not supports(nn.Sequential(Scale(300), nn.Linear(100, 1)))
+
+
+class CenteredConv2d(nn.Conv2d):
+    """A reparametrization the closed form does not know: the generic Jacobian path."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((2, 3), keepdim=True)
+        return F.conv2d(x, w * 2.0, self.bias, self.stride, self.padding)
+
+
+class TwoConv2d(nn.Conv2d):
+    """Not a single convolution of its input: goes to torch.func for this module."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, padding=1) + 0.5 * F.conv2d(
+            x, self.weight, None, padding=1
+        )
+
+
+def test_small_spatial_convs_use_ghost_norm_plain_and_standardized():
+    torch.manual_seed(11)
+    ws = WSConv2d(8, 16, 3)
+    with torch.no_grad():
+        ws.weight[0] = 0.5  # a constant channel: the standardization's clamp is active
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1),
+        nn.ReLU(),
+        ws,
+        nn.Tanh(),
+        nn.Conv2d(16, 16, 2),
+        Flatten(),
+        nn.LazyLinear(3),
+    )
+    model(torch.randn(1, 2, 4, 4))
+    check(model, torch.randn(4, 2, 2, 4, 4), labels(4), augmult=2)
+
+
+def test_other_reparametrized_convs():
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        CenteredConv2d(3, 4, 3, padding=1),
+        nn.Tanh(),
+        TwoConv2d(4, 4, 3),
+        nn.Tanh(),
+        Flatten(),
+        nn.LazyLinear(3),
+    )
+    model(torch.randn(1, 3, 5, 5))
+    check(model, torch.randn(3, 3, 5, 5), labels(3))

@@ -18,11 +18,12 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .conv import ConvOwner, ReparamConvOwner
+from .conv import ConvOwner
 from .fallback import FallbackOwner
 from .linear import LinearOwner
 from .owner import Owner
 from .small import EmbeddingOwner, GroupNormOwner, LayerNormOwner
+from .wsconv import ReparamConvOwner
 
 
 def _stock(module: nn.Module, base: type) -> bool:
