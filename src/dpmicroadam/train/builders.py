@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from dpmicroadam.optim import AdamBC, MicroAdam
+from dpmicroadam import optim
 from dpmicroadam.train.config import TrainConfig
 
 
@@ -36,7 +36,7 @@ def build_optimizer(
     groups = param_groups(params, cfg)
     name = cfg.optimizer
     if name in ("dp-microadam", "microadam"):
-        return MicroAdam(
+        return optim.MicroAdam(
             groups,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
@@ -51,7 +51,7 @@ def build_optimizer(
             groups, lr=cfg.lr, momentum=cfg.momentum or 0.0, weight_decay=cfg.weight_decay
         )
     if name == "dp-adambc":
-        return AdamBC(
+        return optim.AdamBC(
             groups,
             lr=cfg.lr,
             gamma=cfg.adambc_gamma,
