@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -222,8 +223,12 @@ def check_replicas_agree(ctx: DistContext, what: str, tensors: Iterable[torch.Te
 
 
 def fingerprint(value: Any) -> torch.Tensor:
-    """A tensor checksum of any repr-able value (a config), for :func:`check_replicas_agree`."""
-    digest = hashlib.sha256(repr(value).encode()).digest()
+    """A tensor checksum of a JSON-able value (a config), for :func:`check_replicas_agree`.
+
+    Keys are sorted: dict order can differ between processes (sets iterate in hash order).
+    """
+    text = json.dumps(value, sort_keys=True, default=repr)
+    digest = hashlib.sha256(text.encode()).digest()
     return torch.tensor([int.from_bytes(digest[i : i + 6], "little") for i in (0, 6, 12)]).double()
 
 
