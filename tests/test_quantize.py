@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from dpmicroadam.optim import MicroAdam
-from dpmicroadam.optim.quantize import dequantize, pack_codes, quantize, unpack_codes
+from dpmicroadam.optim.quantize import dequantize, pack_bucket, quantize, unpack_bucket
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize(("numel", "bucket"), [(1, 4), (7, 4), (1000, 64), (1024, 1024), (33, 100)])
+@pytest.mark.parametrize(
+    ("numel", "bucket"), [(1, 4), (7, 4), (1000, 64), (1024, 1024), (33, 100), (50, 7)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_round_trip_error_is_at_most_half_a_step(bits, numel, bucket, dtype):
     gen = torch.Generator().manual_seed(numel)
@@ -21,7 +23,8 @@ def test_round_trip_error_is_at_most_half_a_step(bits, numel, bucket, dtype):
     )
     packed, lo, hi = quantize(x, bits, bucket)
     assert packed.dtype == torch.uint8
-    assert packed.numel() == (-(-numel // 2) if bits == 4 else numel)
+    lengths = [min(bucket, numel - s) for s in range(0, numel, bucket)]
+    assert packed.numel() == sum(-(-n // 2) if bits == 4 else n for n in lengths)
     y = dequantize(packed, lo, hi, bits, bucket, numel)
     assert y.dtype == dtype
     for b, start in enumerate(range(0, numel, bucket)):
@@ -47,14 +50,29 @@ def test_extremes_of_a_bucket_decode_exactly():
     assert y[0] == -1.0 and y[2] == 3.0
 
 
-def test_nibble_packing_round_trips():
+@pytest.mark.parametrize("length", [1, 2, 11, 12])
+def test_nibble_packing_splits_a_bucket_in_halves(length):
     codes = torch.randint(
-        0, 16, (11,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        0, 16, (length,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    packed = pack_codes(codes, 4)
-    assert packed.numel() == 6
-    assert packed[0] == codes[0] | (codes[1] << 4)
-    assert torch.equal(unpack_codes(packed, 4, 11), codes)
+    packed = pack_bucket(codes, 4)
+    half = -(-length // 2)
+    assert packed.numel() == half
+    if length > 1:
+        assert packed[0] == codes[0] | (codes[half] << 4)
+    assert packed[half - 1] & 0x0F == codes[half - 1]
+    assert torch.equal(unpack_bucket(packed, 4, length), codes)
+
+
+def test_vectorized_packing_matches_bucket_packing():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    packed, lo, hi = quantize(x, 4, 64)
+    expected = []
+    for b, start in enumerate(range(0, 1000, 64)):
+        part = x[start : start + 64]
+        s = (hi[b] - lo[b]) / 15
+        expected.append(pack_bucket(torch.floor((part - lo[b]) / s + 0.5).to(torch.uint8), 4))
+    assert torch.equal(packed, torch.cat(expected))
 
 
 @pytest.mark.parametrize("impl", ["fast", "loop"])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .quantize import dequantize, num_buckets, pack_codes, packed_numel, quantize, unpack_codes
+from .quantize import dequantize, num_buckets, pack_bucket, packed_numel, quantize_, unpack_bucket
 from .topk import INT16_BLOCK, BlockLayout, blockwise_topk, make_layout
 
 AUTO_BLOCK_SIZE = INT16_BLOCK
@@ -82,7 +82,9 @@ def init_state(p: Tensor, hp: Hyper, layout: BlockLayout) -> dict[str, Tensor]:
         state["ef"] = torch.zeros(d, dtype=comp, device=dev)
     else:
         nb = num_buckets(d, hp.quant_bucket_size)
-        state["ef_codes"] = torch.zeros(packed_numel(d, hp.ef_bits), dtype=torch.uint8, device=dev)
+        state["ef_codes"] = torch.zeros(
+            packed_numel(d, hp.ef_bits, hp.quant_bucket_size), dtype=torch.uint8, device=dev
+        )
         state["ef_min"] = torch.zeros(nb, dtype=comp, device=dev)
         state["ef_max"] = torch.zeros(nb, dtype=comp, device=dev)
     return state
@@ -99,7 +101,9 @@ def check_state(
         ok = ok and "ef" in state and state["ef"].numel() == p.numel()
     else:
         ok = ok and "ef_codes" in state
-        ok = ok and state["ef_codes"].numel() == packed_numel(p.numel(), hp.ef_bits)
+        ok = ok and state["ef_codes"].numel() == packed_numel(
+            p.numel(), hp.ef_bits, hp.quant_bucket_size
+        )
         ok = ok and state["ef_min"].numel() == num_buckets(p.numel(), hp.quant_bucket_size)
     if not ok:
         raise ValueError(
@@ -184,36 +188,42 @@ def loop_step(
 
 
 def _dequantize_loop(state: dict[str, Tensor], hp: Hyper, d: int, comp: torch.dtype) -> Tensor:
-    levels = 2**hp.ef_bits - 1
-    codes = unpack_codes(state["ef_codes"], hp.ef_bits, d)
-    e = torch.empty(d, dtype=comp, device=codes.device)
-    for b, start in enumerate(range(0, d, hp.quant_bucket_size)):
+    levels, q = 2**hp.ef_bits - 1, hp.quant_bucket_size
+    e = torch.empty(d, dtype=comp, device=state["ef_codes"].device)
+    byte = 0
+    for b, start in enumerate(range(0, d, q)):
+        length = min(q, d - start)
+        nbytes = -(-length // 2) if hp.ef_bits == 4 else length
+        codes = unpack_bucket(state["ef_codes"][byte : byte + nbytes], hp.ef_bits, length)
+        byte += nbytes
         lo, hi = state["ef_min"][b], state["ef_max"][b]
         s = (hi - lo) / levels
-        e[start : start + hp.quant_bucket_size] = (
-            lo + codes[start : start + hp.quant_bucket_size].to(comp) * s
-        )
+        e[start : start + length] = lo + codes.to(comp) * s
     return e
 
 
 def _quantize_loop(a: Tensor, state: dict[str, Tensor], hp: Hyper) -> None:
-    levels = 2**hp.ef_bits - 1
-    codes = torch.empty(a.numel(), dtype=torch.uint8, device=a.device)
-    for b, start in enumerate(range(0, a.numel(), hp.quant_bucket_size)):
-        x = a[start : start + hp.quant_bucket_size]
+    levels, q = 2**hp.ef_bits - 1, hp.quant_bucket_size
+    packed = []
+    for b, start in enumerate(range(0, a.numel(), q)):
+        x = a[start : start + q]
         lo, hi = x.min(), x.max()
         s = (hi - lo) / levels
         code = torch.floor((x - lo) / s + 0.5) if s > 0 else torch.zeros_like(x)
-        codes[start : start + hp.quant_bucket_size] = code.to(torch.uint8)
+        packed.append(pack_bucket(code.to(torch.uint8), hp.ef_bits))
         state["ef_min"][b] = lo
         state["ef_max"][b] = hi
-    state["ef_codes"].copy_(pack_codes(codes, hp.ef_bits))
+    state["ef_codes"].copy_(torch.cat(packed))
 
 
 def fast_step(
     p: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyper, layout: BlockLayout, name: str
 ) -> None:
-    """Vectorized step: 2-D block top-k, bucketed quantization, sparse window update."""
+    """Vectorized step: 2-D block top-k, bucketed quantization, sparse window update.
+
+    One dense temporary of the parameter's size (``a``); after quantization it is reused to
+    accumulate the window moments at the window's coordinates only.
+    """
     t = int(state["step"]) + 1
     comp, d, dev = compute_dtype(p), p.numel(), p.device
     g = grad.reshape(-1)
@@ -225,31 +235,33 @@ def fast_step(
         )
         a.add_(g)
     local, glob = blockwise_topk(a, layout)
-    values = a[glob]
+    values = a.index_select(0, glob)
     if not torch.isfinite(values).all():
         _raise_overflow(name)
     a.index_fill_(0, glob, 0)
     if hp.ef_bits is None:
-        state["ef"] = a
+        scratch, state["ef"] = state["ef"], a
     else:
-        state["ef_codes"], state["ef_min"], state["ef_max"] = quantize(
+        state["ef_codes"], state["ef_min"], state["ef_max"] = quantize_(
             a, hp.ef_bits, hp.quant_bucket_size
         )
+        scratch = a
     _write_slot(state, t, local, values)
     filled = min(t, hp.window_size)
     idx = (state["indices"][:filled].long() + layout.column_offsets(dev)).reshape(-1)
     v = state["values"][:filled].to(comp)
     w1, w2 = _moment_weights(hp, t, filled, comp, dev)
-    big_m = torch.zeros(d, dtype=comp, device=dev).index_add_(0, idx, (v * w1[:, None]).reshape(-1))
-    big_s = torch.zeros(d, dtype=comp, device=dev).index_add_(
-        0, idx, (v * v * w2[:, None]).reshape(-1)
-    )
+    # M and S at the window's coordinates: zero them, scatter-add, read back.
+    scratch.index_fill_(0, idx, 0).index_add_(0, idx, (v * w1[:, None]).reshape(-1))
+    big_m = scratch.index_select(0, idx)
+    scratch.index_fill_(0, idx, 0).index_add_(0, idx, (v * v * w2[:, None]).reshape(-1))
+    big_s = scratch.index_select(0, idx)
     c1, c2 = _bias_corrections(hp, t)
-    u = c1 * big_m[idx] / (torch.sqrt(c2 * big_s[idx]) + hp.eps)
+    u = c1 * big_m / (torch.sqrt(c2 * big_s) + hp.eps)
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
     if hp.weight_decay != 0:
         flat.mul_(1 - hp.lr * hp.weight_decay)
     # Duplicate indices (a coordinate in several slots) all write the same value.
-    flat.index_put_((idx,), (flat[idx].to(comp) - hp.lr * u).to(p.dtype))
+    flat.index_copy_(0, idx, (flat.index_select(0, idx).to(comp) - hp.lr * u).to(p.dtype))
     if not p.is_contiguous():
         p.copy_(flat.view_as(p))

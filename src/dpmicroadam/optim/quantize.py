@@ -9,9 +9,12 @@ be shorter). Each bucket keeps its ``lo = min`` and ``hi = max``; with ``L = 2**
     \\hat x = lo + code \\cdot s
 
 so that ``|x - x_hat| <= s / 2``. A constant bucket (``hi == lo``) gets code 0 and decodes to
-``lo`` exactly; nothing is ever divided by zero. 4-bit codes are packed two per byte (entry
-``2j`` in the low nibble of byte ``j``, entry ``2j + 1`` in the high nibble); 8-bit codes take
-one byte each.
+``lo`` exactly; nothing is ever divided by zero.
+
+Packing: 8-bit codes take one byte each. 4-bit codes go two per byte *within a bucket*: a bucket
+of ``n`` entries takes ``h = ceil(n / 2)`` bytes, byte ``j`` holding entry ``j`` in its low nibble
+and entry ``j + h`` (if any) in its high nibble. Splitting buckets in halves rather than
+interleaving keeps every packing operation on contiguous memory.
 """
 
 from __future__ import annotations
@@ -27,45 +30,52 @@ def num_buckets(numel: int, bucket_size: int) -> int:
     return -(-numel // bucket_size)
 
 
-def packed_numel(numel: int, bits: int) -> int:
-    """Bytes taken by the codes of ``numel`` entries at ``bits`` bits each."""
-    return -(-numel // 2) if bits == 4 else numel
+def _bucket_bytes(length: int, bits: int) -> int:
+    return -(-length // 2) if bits == 4 else length
 
 
-def _segments(numel: int, bucket_size: int) -> list[tuple[int, int, int, int]]:
-    """(start, bucket_length, bucket_count, first_bucket) for the full buckets, then the tail."""
+def packed_numel(numel: int, bits: int, bucket_size: int) -> int:
+    """Bytes taken by the codes of ``numel`` entries."""
+    n_full, tail = divmod(numel, bucket_size)
+    return n_full * _bucket_bytes(bucket_size, bits) + _bucket_bytes(tail, bits)
+
+
+def _segments(numel: int, bucket_size: int, bits: int) -> list[tuple[int, int, int, int, int]]:
+    """(start, bucket_length, bucket_count, first_bucket, first_byte): full buckets, then tail."""
     n_full, tail = divmod(numel, bucket_size)
     segs = []
     if n_full:
-        segs.append((0, bucket_size, n_full, 0))
+        segs.append((0, bucket_size, n_full, 0, 0))
     if tail:
-        segs.append((n_full * bucket_size, tail, 1, n_full))
+        segs.append(
+            (n_full * bucket_size, tail, 1, n_full, n_full * _bucket_bytes(bucket_size, bits))
+        )
     return segs
 
 
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Pack uint8 codes (< 2**bits) into bytes; 4-bit codes go two per byte."""
+def pack_bucket(codes: Tensor, bits: int) -> Tensor:
+    """Pack the uint8 codes of one bucket (see the module docstring for the layout)."""
     if bits == 8:
-        return codes
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    pairs = codes.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+        return codes.clone()
+    h = -(-codes.numel() // 2)
+    out = codes[:h].clone()
+    out[: codes.numel() - h] |= codes[h:] << 4
+    return out
 
 
-def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: a uint8 tensor of ``numel`` codes."""
+def unpack_bucket(packed: Tensor, bits: int, length: int) -> Tensor:
+    """Inverse of :func:`pack_bucket`: the ``length`` uint8 codes of one bucket."""
     if bits == 8:
-        return packed
-    out = torch.stack([packed & 0x0F, packed >> 4], dim=1).view(-1)
-    return out[:numel]
+        return packed.clone()
+    h = -(-length // 2)
+    return torch.cat([packed & 0x0F, packed[: length - h] >> 4])
 
 
-def quantize(x: Tensor, bits: int, bucket_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize a flat tensor per bucket.
+def quantize_(x: Tensor, bits: int, bucket_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize a flat tensor per bucket, using ``x`` itself as scratch (its values are lost).
 
     Args:
-        x: 1-D floating tensor of finite values.
+        x: 1-D contiguous floating tensor of finite values; overwritten.
         bits: 4 or 8.
         bucket_size: entries per bucket (the last bucket may be shorter).
 
@@ -76,21 +86,30 @@ def quantize(x: Tensor, bits: int, bucket_size: int) -> tuple[Tensor, Tensor, Te
     numel = x.numel()
     levels = float(2**bits - 1)
     nb = num_buckets(numel, bucket_size)
-    lo = x.new_empty(nb)
-    hi = x.new_empty(nb)
-    codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
-    for start, length, count, b0 in _segments(numel, bucket_size):
+    lo, hi = x.new_empty(nb), x.new_empty(nb)
+    packed = torch.empty(packed_numel(numel, bits, bucket_size), dtype=torch.uint8, device=x.device)
+    for start, length, count, b0, p0 in _segments(numel, bucket_size, bits):
         xs = x[start : start + length * count].view(count, length)
-        seg_lo, seg_hi = torch.aminmax(xs, dim=1)
-        lo[b0 : b0 + count] = seg_lo
-        hi[b0 : b0 + count] = seg_hi
+        seg_lo, seg_hi = lo[b0 : b0 + count], hi[b0 : b0 + count]
+        torch.amin(xs, dim=1, out=seg_lo)
+        torch.amax(xs, dim=1, out=seg_hi)
         step = (seg_hi - seg_lo) / levels
         # A constant bucket has x - lo == 0, so any positive divisor yields code 0.
         step = torch.where(step > 0, step, torch.ones_like(step))
-        q = (xs - seg_lo[:, None]).div_(step[:, None]).add_(0.5)
-        # q >= 0 here, so truncation towards zero is the floor of the SPEC formula.
-        codes[start : start + length * count].view(count, length).copy_(q.clamp_(max=levels))
-    return pack_codes(codes, bits), lo, hi
+        xs.sub_(seg_lo[:, None]).div_(step[:, None]).add_(0.5).floor_()
+        nbytes = _bucket_bytes(length, bits)
+        if bits == 4:
+            # low + 16 * high is exact in floating point (at most 255)
+            xs[:, : length - nbytes].add_(xs[:, nbytes:], alpha=16)
+            xs = xs[:, :nbytes]
+        # float -> int32 -> uint8 is much faster on CPU than float -> uint8
+        packed[p0 : p0 + count * nbytes].view(count, nbytes).copy_(xs.to(torch.int32))
+    return packed, lo, hi
+
+
+def quantize(x: Tensor, bits: int, bucket_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`quantize_` but leaves ``x`` untouched."""
+    return quantize_(x.reshape(-1).clone(), bits, bucket_size)
 
 
 def dequantize(
@@ -98,10 +117,16 @@ def dequantize(
 ) -> Tensor:
     """Decode codes from :func:`quantize` into a new flat tensor of ``lo.dtype``."""
     levels = float(2**bits - 1)
-    codes = unpack_codes(packed, bits, numel)
-    out = codes.to(lo.dtype)
+    out = torch.empty(numel, dtype=lo.dtype, device=lo.device)
     step = (hi - lo) / levels
-    for start, length, count, b0 in _segments(numel, bucket_size):
+    for start, length, count, b0, p0 in _segments(numel, bucket_size, bits):
         seg = out[start : start + length * count].view(count, length)
+        nbytes = _bucket_bytes(length, bits)
+        codes = packed[p0 : p0 + count * nbytes].view(count, nbytes)
+        if bits == 8:
+            seg.copy_(codes)
+        else:
+            seg[:, :nbytes].copy_(codes & 0x0F)
+            seg[:, nbytes:].copy_(codes[:, : length - nbytes] >> 4)
         seg.mul_(step[b0 : b0 + count, None]).add_(lo[b0 : b0 + count, None])
     return out

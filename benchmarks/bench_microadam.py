@@ -1,0 +1,160 @@
+"""MicroAdam step time and state size on the parameter shapes of WRN-16-4.
+
+Prints one JSON line per configuration; ratios against ``torch.optim.AdamW(foreach=True)`` are
+measured in the same run (these machines are noisy). Usage::
+
+    python benchmarks/bench_microadam.py [--device cpu] [--steps 30] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+from dpmicroadam.optim import MicroAdam, state_bytes
+
+
+def wrn16_4_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
+    """Trainable tensor shapes of WRN-16-4 with GroupNorm and weight-standardized convs."""
+    shapes: list[tuple[int, ...]] = []
+
+    def conv(cin: int, cout: int, k: int) -> None:
+        shapes.extend([(cout, cin, k, k), (cout,), (cout,)])  # weight, WS gain, bias
+
+    def norm(c: int) -> None:
+        shapes.extend([(c,), (c,)])
+
+    conv(3, 16, 3)
+    cin = 16
+    for width in (64, 128, 256):
+        for block in range(2):
+            norm(cin)
+            conv(cin, width, 3)
+            norm(width)
+            conv(width, width, 3)
+            if block == 0 and cin != width:
+                conv(cin, width, 1)
+            cin = width
+    norm(cin)
+    shapes.extend([(num_classes, cin), (num_classes,)])
+    return shapes
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    name: str,
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    shapes: list[tuple[int, ...]],
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    warmup: int = 3,
+) -> dict:
+    """Median step time (ms), peak extra memory and state bytes of one optimizer."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [
+        torch.randn(s, generator=gen, device=device).to(dtype).requires_grad_() for s in shapes
+    ]
+    grads = [
+        [torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes] for _ in range(4)
+    ]
+    opt = make(params)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    for i in range(warmup + steps):
+        for p, g in zip(params, grads[i % len(grads)]):
+            p.grad = g
+        _sync(device)
+        start = time.perf_counter()
+        opt.step()
+        _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    numel = sum(p.numel() for p in params)
+    peak = None
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    sb = state_bytes(opt)
+    return {
+        "config": name,
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "shape": f"wrn16-4 ({len(shapes)} tensors, {numel} params)",
+        "median_ms": round(statistics.median(times), 3),
+        "min_ms": round(min(times), 3),
+        "peak_extra_mib": None if peak is None else round(peak, 1),
+        "state_bytes": sb,
+        "bytes_per_param": round(sb / numel, 4),
+    }
+
+
+CONFIGS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "microadam_default": lambda ps: MicroAdam(ps, lr=1e-3),
+    "microadam_ef8": lambda ps: MicroAdam(ps, lr=1e-3, ef_bits=8),
+    "microadam_exact_ef": lambda ps: MicroAdam(ps, lr=1e-3, ef_bits=None),
+    "microadam_dense_1d": lambda ps: MicroAdam(
+        [
+            {"params": [p for p in ps if p.dim() > 1]},
+            {"params": [p for p in ps if p.dim() <= 1], "density": 1.0},
+        ],
+        lr=1e-3,
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="alternate all configs this many times"
+    )
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    shapes = wrn16_4_shapes()
+    results: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for name in args.configs:
+            results.setdefault(name, []).append(
+                measure(name, CONFIGS[name], shapes, device, dtype, args.steps)
+            )
+    base = statistics.median(
+        r["median_ms"] for r in results.get("adamw_foreach", [{"median_ms": float("nan")}])
+    )
+    for runs in results.values():
+        row = dict(runs[-1])
+        row["median_ms"] = round(statistics.median(r["median_ms"] for r in runs), 3)
+        row["ratio_to_adamw"] = round(row["median_ms"] / base, 2)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
