@@ -7,9 +7,12 @@ among themselves must agree exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -235,3 +238,107 @@ def test_checksum_sees_order_and_value():
     assert not torch.equal(a, distributed.checksum([torch.tensor([2.0, 1.0])]))
     assert not torch.equal(a, distributed.checksum([torch.tensor([1.0, 2.0 + 1e-6])]))
     assert torch.equal(a, distributed.checksum([torch.tensor([1.0, 2.0])]))
+
+
+# ---------------------------------------------------------------------- the training loop
+RUN = dict(
+    dataset="digits",
+    model="mlp",
+    optimizer="dp-microadam",
+    steps=4,
+    batch_size=64,
+    noise_multiplier=1.0,
+    checkpoint_every=2,
+    eval_every=2,
+    lr=1e-2,
+    progress=False,
+)
+
+
+def _trainer_worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
+    from dpmicroadam.train.config import resolve_config
+    from dpmicroadam.train.loop import Trainer
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        DPMICROADAM_DIST_TIMEOUT="60",
+    )
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        cfg = resolve_config({**RUN, "out": out, "resume": phase == "resume"})
+        if phase == "die" and rank == 1:
+            Trainer(cfg, stop_after=2).run()
+            os._exit(0)  # dies abruptly after step 2: no goodbye to rank 0
+        Trainer(cfg).run()
+        result["finished"] = True
+    except distributed.RankFailure as err:
+        result["rank_failure"] = str(err)
+    except Exception:  # pragma: no cover - shown by the test
+        result["error"] = traceback.format_exc()
+    torch.save(result, Path(out) / f"{phase}-rank{rank}.pt")
+
+
+def _spawn_trainer(out: Path, phase: str) -> list[dict]:
+    mp.start_processes(
+        _trainer_worker, args=(2, free_port(), str(out), phase), nprocs=2, start_method="spawn"
+    )
+    return [torch.load(f, weights_only=False) for f in sorted(out.glob(f"{phase}-rank*.pt"))]
+
+
+def _weights(out: Path) -> list[torch.Tensor]:
+    from dpmicroadam.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(out / "checkpoint.pt")
+    return [state["model"][k] for k in sorted(state["model"])]
+
+
+@pytest.mark.slow
+def test_rank_death_stops_clearly_then_resume_matches_one_process(tmp_path, monkeypatch):
+    from dpmicroadam.train.checkpoint import load_checkpoint
+    from dpmicroadam.train.config import resolve_config
+    from dpmicroadam.train.loop import Trainer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    Trainer(resolve_config({**RUN, "out": str(tmp_path / "one")})).run()
+
+    two = tmp_path / "two"
+    two.mkdir()
+    died = _spawn_trainer(two, "die")
+    assert "finished" not in died[0] and "error" not in died[0], died[0]
+    message = died[0]["rank_failure"]
+    assert "rank 0 of 2" in message and "--resume" in message
+    assert load_checkpoint(two / "checkpoint.pt")["step"] == 2  # intact, loadable
+    assert not (two / "summary.json").exists()
+
+    resumed = _spawn_trainer(two, "resume")
+    assert all(r.get("finished") for r in resumed), resumed
+    _close(_weights(two), _weights(tmp_path / "one"))
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]  # rank 0 alone wrote, no duplicates
+
+
+@pytest.mark.slow
+def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
+    from dpmicroadam.train.config import resolve_config
+    from dpmicroadam.train.loop import Trainer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    Trainer(resolve_config({**RUN, "noise_multiplier": 0.0, "out": str(tmp_path / "one")})).run()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "dpmicroadam", "train",
+        "--dataset", "digits", "--model", "mlp", "--optimizer", "dp-microadam", "--steps", "4",
+        "--batch-size", "64", "--noise-multiplier", "0", "--checkpoint-every", "2",
+        "--eval-every", "2", "--lr", "0.01", "--no-progress", "--out", str(tmp_path / "two"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _close(_weights(tmp_path / "two"), _weights(tmp_path / "one"))
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
