@@ -1,0 +1,133 @@
+"""The `dpmicroadam finetune` subcommand (registered by ``dpmicroadam.cli``).
+
+It takes every budget, optimizer and run flag of `train` (copied from the `train` parser, so
+the two commands cannot drift apart) plus the fine-tuning flags below. `train`'s ``--model``
+and ``--recipe`` do not apply and are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from dpmicroadam.models.trainable import TRAINABLE_MODES
+
+__all__ = ["FINETUNE_FLAGS", "add_parser", "cmd_finetune"]
+
+# (flag, type, help); the dest is the flag with underscores, a FinetuneConfig field.
+FINETUNE_FLAGS: list[tuple[str, Any, str]] = [
+    ("--model-path", str, "pretrained transformers model: a local folder or a hub name"),
+    ("--train", str, "training data: CSV/TSV (header row) or JSON lines"),
+    ("--test", str, "test data (default: a held-out part of --train, see --test-fraction)"),
+    ("--text-column", str, "column with the text (default text)"),
+    ("--label-column", str, "column with the label (default label); values are mapped to 0..C-1"),
+    ("--text-pair-column", str, "column with a second text (sentence-pair tasks)"),
+    ("--labels", str, "comma-separated label values in class order (default: sorted values found)"),
+    ("--trainable", str, f"which parameters train: {', '.join(TRAINABLE_MODES)} (default all)"),
+    ("--max-length", int, "tokens per example, padded or truncated (default 128)"),
+    ("--lora-r", int, "LoRA rank (with --trainable lora; default 8)"),
+    ("--lora-alpha", float, "LoRA alpha (default 2·r)"),
+    ("--test-fraction", float, "share of --train held out for testing when --test is not given"),
+    ("--attn-implementation", str, "eager (default) or sdpa"),
+    ("--timm-model", str, "a timm model name for the image datasets of train (needs timm)"),
+]
+_RENAMED = {"train": "train_file", "test": "test_file"}
+_NOT_FOR_FINETUNE = {
+    "model": "use --model-path (a transformers model) or --timm-model (an image model)",
+    "recipe": "the shipped recipes are for `train`; use --config FILE.toml",
+}
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register `finetune` on the ``dpmicroadam`` subparsers object."""
+    train_parser = getattr(sub, "choices", {}).get("train")
+    parents = [train_parser] if train_parser is not None else []
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model privately (text classifiers, image models)",
+        description=(
+            "Fine-tune a pretrained model with the training loop of `train`: same budget "
+            "handling, checkpoints, metrics, plots and summary.json."
+        ),
+        parents=parents,
+        conflict_handler="resolve",
+    )
+    p.set_defaults(_train_dests=_dests(train_parser))
+    for flag, typ, text in FINETUNE_FLAGS:
+        dest = flag[2:].replace("-", "_")
+        p.add_argument(flag, dest=_RENAMED.get(dest, dest), type=typ, default=None, help=text)
+    p.add_argument(
+        "--no-timm-pretrained",
+        dest="timm_pretrained",
+        action="store_false",
+        default=None,
+        help="with --timm-model: random initialization instead of pretrained weights",
+    )
+    p.set_defaults(func=cmd_finetune)
+    return p
+
+
+def _dests(parser: argparse.ArgumentParser | None) -> list[str]:
+    if parser is None:
+        return []
+    return [
+        a.dest
+        for a in parser._actions  # argparse keeps its actions here; no public accessor exists
+        if a.dest not in ("help", "func", argparse.SUPPRESS)
+    ]
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    given: dict[str, Any] = {}
+    for dest in args._train_dests:
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest in _NOT_FOR_FINETUNE:
+            raise ValueError(f"--{dest} does not apply to finetune: {_NOT_FOR_FINETUNE[dest]}")
+        given[dest] = value
+    if given.pop("no_progress", None):
+        given["progress"] = False
+    for flag, _, _ in FINETUNE_FLAGS:
+        dest = flag[2:].replace("-", "_")
+        dest = _RENAMED.get(dest, dest)
+        if getattr(args, dest, None) is not None:
+            given[dest] = getattr(args, dest)
+    if args.timm_pretrained is not None:
+        given["timm_pretrained"] = args.timm_pretrained
+    if "labels" in given:
+        given["labels"] = [s.strip() for s in given["labels"].split(",") if s.strip()]
+    return given
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dpmicroadam.train.finetune import FinetuneTrainer, resolve_finetune_config
+
+    cfg = resolve_finetune_config(_overrides(args))
+    if cfg.json:
+        cfg.progress = False
+    summary = FinetuneTrainer(cfg).run()
+    if cfg.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    acc = s.get("test_accuracy")
+    line = f"test accuracy {acc:.4f}" if acc is not None else "test accuracy n/a"
+    if s.get("private"):
+        line += (
+            f" | ε = {s['epsilon']:.3f} (δ = {s['delta']:g}, {s['accountant'].upper()}, "
+            f"σ = {s['noise_multiplier']:.4f}, q = {s['sample_rate']:.4g}, T = {s['steps']})"
+        )
+    else:
+        line += " | not private"
+    print(f"{s['optimizer']} · {s['model']} ({s['trainable']}) · {s['dataset']}: {line}")
+    print(
+        f"trains {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters · "
+        f"optimizer state {s['optimizer_state_bytes_per_param']:.3f} bytes/param · "
+        f"{s['wall_seconds']:.1f} s · results in {s['out']}"
+    )
