@@ -120,3 +120,64 @@ def test_negative_epsilon_and_bad_r_are_refused():
         audit_p_value(10, 5, 3, -0.1)
     with pytest.raises(ValueError, match="r .number of guesses."):
         max_epsilon_lower_bound(0)
+
+
+# ----------------------------------------------------------------------------- guesses, scores
+
+
+def test_guesses_count_correct_in_and_out_calls():
+    from dpmicroadam.train.audit import guess_and_bound
+
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    truth = np.array([True, False, True, False, True, False])
+    out = guess_and_bound(scores, truth, guesses=4)
+    # "in" for {5, 4}: one right; "out" for {1, 0}: one right.
+    assert (out.k_pos, out.k_neg, out.guesses, out.correct, out.tested) == (2, 2, 4, 2, 1)
+    out = guess_and_bound(scores, truth, guesses=3)
+    assert (out.k_pos, out.k_neg, out.correct) == (2, 1, 2)
+
+
+def test_perfect_separation_reaches_the_bonferroni_corrected_best_bound():
+    from dpmicroadam.train.audit import guess_and_bound
+
+    rng = np.random.default_rng(1)
+    truth = rng.random(1000) < 0.5
+    scores = truth + 0.01 * rng.standard_normal(1000)
+    out = guess_and_bound(scores, truth, confidence=0.95)
+    # Symmetric guesses: r = m would need k_pos = number included, which the auditor does not
+    # know; the best error-free choice of the grid here is r = m/2.
+    assert out.correct == out.guesses == 500
+    assert out.tested == 6
+    assert out.epsilon_lower_bound == pytest.approx(
+        max_epsilon_lower_bound(500, 1 - 0.05 / 6), abs=1e-5
+    )
+    assert out.epsilon_lower_bound < max_epsilon_lower_bound(500, 0.95)  # Bonferroni costs
+    # Scores unrelated to the truth: no evidence at all (most of the time; fixed seed here).
+    noise = guess_and_bound(rng.standard_normal(1000), truth)
+    assert noise.epsilon_lower_bound < 0.5
+
+
+def test_detrended_score_removes_a_slow_drift_but_keeps_spikes():
+    import torch
+
+    from dpmicroadam.train.audit import white_box_scores
+
+    steps, m = 200, 6
+    t = torch.arange(steps, dtype=torch.float64)[:, None]
+    drift = 0.01 * torch.sin(t / 40.0) * torch.arange(1, m + 1)  # per-coordinate slow drift
+    spikes = torch.zeros(steps, m)
+    spikes[::25, :3] = 0.1  # canaries 0..2 drawn 8 times
+    trace = drift + spikes
+    detrended = white_box_scores(trace, "detrended")
+    plain = white_box_scores(trace, "sum")
+    assert torch.allclose(plain, trace.sum(0))
+    assert detrended[:3].min() > 0.75 and detrended[3:].abs().max() < 0.05
+    # the drift alone decides the plain sum's order: it is not a usable score here
+    assert plain[5] > plain[0]
+    with pytest.raises(ValueError, match="score must be"):
+        white_box_scores(trace, "max")
+    # llr on detrended values in units of C/B: a spike of one unit scores above no spike
+    llr = white_box_scores(trace, "llr", unit=0.1, noise_multiplier=1.0, sample_rate=0.04)
+    assert llr[:3].min() > llr[3:].max()
+    # σ = 0: llr is undefined and falls back to the detrended sum
+    assert torch.allclose(white_box_scores(trace, "llr"), detrended)

@@ -50,6 +50,7 @@ from dpmicroadam.train.loop import Trainer, cross_entropy_per_row
 
 __all__ = [
     "AUDIT_MODES",
+    "WHITE_BOX_SCORES",
     "AuditConfig",
     "AuditResult",
     "Auditor",
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 AUDIT_MODES = ("white-box", "black-box")
+WHITE_BOX_SCORES = ("llr", "detrended", "sum")
 _CANARY_CHUNK = 64  # canary gradients are materialized densely this many at a time
 
 
@@ -77,7 +79,7 @@ class AuditConfig:
             Bonferroni correction so the stated confidence holds for the reported bound.
         canary_norm: White-box: L2 norm of a canary's gradient before clipping (default 2·C, so
             clipping must bring it down to C).
-        score: White-box score: ``"detrended"`` (default) or ``"sum"``; see
+        score: White-box score: ``"llr"`` (default), ``"detrended"`` or ``"sum"``; see
             :func:`white_box_scores`.
     """
 
@@ -86,7 +88,7 @@ class AuditConfig:
     confidence: float = 0.95
     guesses: int | None = None
     canary_norm: float | None = None
-    score: str = "detrended"
+    score: str = "llr"
 
     def __post_init__(self) -> None:
         if self.mode not in AUDIT_MODES:
@@ -101,8 +103,8 @@ class AuditConfig:
             raise ValueError(
                 f"guesses={self.guesses!r} must be in [1, canaries={self.canaries}] (or None)"
             )
-        if self.score not in ("detrended", "sum"):
-            raise ValueError(f"score must be 'detrended' or 'sum', got {self.score!r}")
+        if self.score not in WHITE_BOX_SCORES:
+            raise ValueError(f"score must be one of {WHITE_BOX_SCORES}, got {self.score!r}")
         if self.canary_norm is not None and not 0 < self.canary_norm < math.inf:
             raise ValueError(f"canary_norm must be finite and > 0, got {self.canary_norm!r}")
 
@@ -287,36 +289,68 @@ class _WhiteBoxTrainer(Trainer):
 
     def canary_scores(self) -> tuple[np.ndarray, np.ndarray]:
         trace = torch.stack(self._trace) if self._trace else torch.zeros(1, self.included.numel())
-        return white_box_scores(trace, self.score).numpy(), self.included.numpy().copy()
+        mech = self.mechanism
+        scores = white_box_scores(
+            trace,
+            self.score,
+            unit=mech.config.clip_norm / mech.config.expected_batch_size,
+            noise_multiplier=mech.noise_multiplier,
+            sample_rate=mech.sample_rate,
+        )
+        return scores.numpy(), self.included.numpy().copy()
 
 
 def white_box_scores(
-    trace: torch.Tensor, score: str = "detrended", window: int = 5
+    trace: torch.Tensor,
+    score: str = "llr",
+    window: int = 5,
+    *,
+    unit: float = 1.0,
+    noise_multiplier: float = 0.0,
+    sample_rate: float = 1.0,
 ) -> torch.Tensor:
-    """Scores of Dirac canaries from the released gradients at their coordinates.
+    r"""Scores of Dirac canaries from the released gradients at their coordinates.
 
     Args:
-        trace: ``(T, m)``: ``trace[t, i]`` = g̃_t[c_i], the released gradient at canary i's coordinate.
-        score: ``"sum"``: ``Σ_t g̃_t[c_i]`` (the paper's score). ``"detrended"``: the same sum after
-            subtracting, at each step, the median of the coordinate over the ``2·window + 1``
-            surrounding steps. The real data's gradient at a coordinate drifts slowly over training
-            and would otherwise swamp the canary's contribution C/B on the few steps it is drawn;
-            the median barely moves with those few steps. Any score that does not look at which
-            canaries were included gives a valid bound; this one is simply more powerful.
-        window: Half-width of the median window (``"detrended"`` only).
+        trace: ``(T, m)``: ``trace[t, i]`` = g̃_t[c_i], the released gradient at canary i's
+            coordinate.
+        score: ``"sum"``: ``Σ_t g̃_t[c_i]`` (the paper's score). ``"detrended"``: the same sum
+            after subtracting, at each step, the median of the coordinate over the
+            ``2·window + 1`` surrounding steps: the real data's gradient at a coordinate drifts
+            slowly and would otherwise swamp the canary's C/B on the few steps it is drawn.
+            ``"llr"``: on the detrended values z_t in units of the canary's contribution,
+            the log-likelihood ratio of "drawn with probability q" against "absent" under
+            Gaussian noise of std σ, summed over steps (Neyman–Pearson for one canary):
+
+            .. math:: \sum_t \log\big(1 - q + q\, e^{(z_t - 1/2)/\sigma^2}\big)
+
+            It falls back to ``"detrended"`` when σ = 0. Any score that does not look at
+            which canaries were included gives a valid bound; these differ only in power.
+        window: Half-width of the median window.
+        unit: The canary's contribution to the released gradient, C/B.
+        noise_multiplier: σ (``"llr"`` only).
+        sample_rate: q (``"llr"`` only).
     """
     trace = trace.to(torch.float64)
+    if score not in WHITE_BOX_SCORES:
+        raise ValueError(f"score must be one of {WHITE_BOX_SCORES}, got {score!r}")
     if score == "sum":
         return trace.sum(0)
-    if score != "detrended":
-        raise ValueError(f"score must be 'sum' or 'detrended', got {score!r}")
     steps = trace.shape[0]
     w = min(window, (steps - 1) // 2)
-    if w < 1:
+    if w >= 1:
+        # Reflect without repeating the edge step, so a canary drawn at the first or last step
+        # is not its own median.
+        padded = torch.cat([trace[1 : w + 1].flip(0), trace, trace[-w - 1 : -1].flip(0)])
+        trace = trace - padded.unfold(0, 2 * w + 1, 1).median(dim=-1).values
+    if score == "detrended" or noise_multiplier == 0:
         return trace.sum(0)
-    padded = torch.cat([trace[:1].expand(w, -1), trace, trace[-1:].expand(w, -1)])
-    local = padded.unfold(0, 2 * w + 1, 1).median(dim=-1).values  # (T, m)
-    return (trace - local).sum(0)
+    z = trace / unit
+    var = noise_multiplier**2
+    if sample_rate >= 1:
+        return ((z - 0.5) / var).sum(0)
+    log_in = math.log(sample_rate) + (z - 0.5) / var
+    return torch.logaddexp(torch.full_like(z, math.log1p(-sample_rate)), log_in).sum(0)
 
 
 class _BlackBoxTrainer(Trainer):
