@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,118 @@ def test_detrended_score_removes_a_slow_drift_but_keeps_spikes():
     assert llr[:3].min() > llr[3:].max()
     # σ = 0: llr is undefined and falls back to the detrended sum
     assert torch.allclose(white_box_scores(trace, "llr"), detrended)
+
+
+# ----------------------------------------------------------------------------- audits of real runs
+
+AUDIT_RUN = dict(
+    dataset="digits", steps=100, batch_size=64, eval_every=100, checkpoint_every=100, progress=False
+)
+
+
+def _audit(tmp_path, name, audit_kw=None, break_noise=False, **kw):
+    from dpmicroadam.train.audit import AuditConfig, Auditor
+    from dpmicroadam.train.config import resolve_config
+
+    cfg = resolve_config({**AUDIT_RUN, "out": str(tmp_path / name), **kw})
+    auditor = Auditor(cfg, AuditConfig(**(audit_kw or {})))
+    if break_noise:
+        # A bug that forgets the noise: the config (and so the accountant) still claims σ.
+        auditor.trainer.mechanism.gradient.noise_multiplier = 0.0
+    return auditor.run()
+
+
+def test_white_box_audit_detects_a_mechanism_without_noise(tmp_path):
+    r = _audit(
+        tmp_path, "broken", break_noise=True, optimizer="dp-sgd", lr=0.5, noise_multiplier=1.5
+    )
+    assert r.noise_multiplier == 1.5 and 1.0 < r.accounted_epsilon < 3.0
+    # Clipping on, noise off: almost every guess is right and the bound is far above the claim.
+    assert r.correct >= 0.98 * r.guesses
+    assert r.epsilon_lower_bound > 3.5
+    assert r.epsilon_lower_bound > r.accounted_epsilon + 1.5
+    assert "VIOLATION" in r.line()
+    summary = json.loads((tmp_path / "broken" / "audit.json").read_text())
+    assert summary["epsilon_lower_bound"] == pytest.approx(r.epsilon_lower_bound)
+    for key in ("confidence", "accounted_epsilon", "canaries", "guesses", "correct", "mode"):
+        assert key in summary
+    assert (tmp_path / "broken" / "audit_scores.png").stat().st_size > 0
+    saved = np.load(tmp_path / "broken" / "audit_scores.npz")
+    assert saved["included"].sum() == r.included
+
+
+@pytest.mark.parametrize("optimizer, lr", [("dp-sgd", 0.5), ("dp-microadam", 1e-3)])
+def test_white_box_audit_of_a_correct_run_stays_below_the_accounted_epsilon(
+    tmp_path, optimizer, lr
+):
+    r = _audit(tmp_path, optimizer, optimizer=optimizer, lr=lr, noise_multiplier=0.75)
+    assert 5.0 < r.accounted_epsilon < 8.0
+    assert 0.0 <= r.epsilon_lower_bound <= r.accounted_epsilon
+    assert r.canaries == 1000 and 400 < r.included < 600
+    assert "consistent with the accounting" in r.line()
+
+
+def test_black_box_audit_runs_the_training_set_with_canaries(tmp_path):
+    r = _audit(
+        tmp_path,
+        "bb",
+        audit_kw=dict(mode="black-box", canaries=200),
+        optimizer="dp-sgd",
+        lr=0.5,
+        noise_multiplier=1.0,
+        steps=20,
+    )
+    assert r.mode == "black-box"
+    assert 0.0 <= r.epsilon_lower_bound <= r.accounted_epsilon
+    assert r.scores.shape == (200,) and np.all(r.scores <= 0)  # −loss
+    assert 0.0 <= r.test_accuracy <= 1.0
+
+
+def test_audit_cli_prints_the_summary(tmp_path, capsys):
+    from dpmicroadam.cli import main
+
+    argv = [
+        "audit",
+        "--dataset",
+        "digits",
+        "--optimizer",
+        "dp-sgd",
+        "--lr",
+        "0.5",
+        "--noise-multiplier",
+        "1.0",
+        "--steps",
+        "20",
+        "--batch-size",
+        "64",
+        "--canaries",
+        "300",
+        "--confidence",
+        "0.9",
+        "--out",
+        str(tmp_path / "cli"),
+        "--json",
+    ]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["canaries"] == 300 and out["confidence"] == 0.9 and out["mode"] == "white-box"
+    assert out["epsilon_lower_bound"] <= out["accounted_epsilon"]
+    assert (tmp_path / "cli" / "audit.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "kw, audit_kw, match",
+    [
+        (dict(optimizer="sgd"), {}, "not private"),
+        (dict(optimizer="dp-sgd", noise_multiplier=1.0), dict(canaries=10**6), "coordinates"),
+        (dict(optimizer="dp-sgd", noise_multiplier=1.0, normalize="realized"), {}, "normalize"),
+        (dict(optimizer="dp-sgd", noise_multiplier=1.0), dict(mode="grey-box"), "mode must be"),
+        (dict(optimizer="dp-sgd", noise_multiplier=1.0), dict(canaries=1), "canaries must be"),
+        (dict(optimizer="dp-sgd", noise_multiplier=1.0), dict(confidence=1.5), "confidence"),
+        (dict(optimizer="dp-sgd", noise_multiplier=1.0), dict(guesses=0), "guesses"),
+        (dict(optimizer="dp-sgd", noise_multiplier=1.0), dict(score="max"), "score must be"),
+    ],
+)
+def test_audit_refuses_bad_settings(tmp_path, kw, audit_kw, match):
+    with pytest.raises(ValueError, match=match):
+        _audit(tmp_path, "bad", audit_kw=audit_kw, **kw)
