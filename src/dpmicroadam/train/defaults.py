@@ -9,7 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 # (dataset, optimizer) -> (settings, source)
-TUNED: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+_DIGITS = {"batch_size": 128, "epochs": 15, "clip_norm": 1.0}
+_DIGITS_SRC = "validation search at ε=8 on digits (results/digits-tuning.md)"
+TUNED: dict[tuple[str, str], tuple[dict[str, Any], str]] = {
+    ("digits", "dp-microadam"): ({**_DIGITS, "lr": 1e-2, "density": 0.01}, _DIGITS_SRC),
+    ("digits", "dp-sgd"): ({**_DIGITS, "lr": 0.1, "momentum": 0.9}, _DIGITS_SRC),
+    ("digits", "dp-adam"): ({**_DIGITS, "lr": 1e-2}, _DIGITS_SRC),
+    ("digits", "dp-adambc"): ({**_DIGITS, "lr": 1e-2}, _DIGITS_SRC + "; dp-adam's lr"),
+    ("digits", "microadam"): ({**_DIGITS, "lr": 1e-2}, _DIGITS_SRC + "; dp-microadam's lr"),
+    ("digits", "adam"): ({**_DIGITS, "lr": 1e-2}, _DIGITS_SRC + "; dp-adam's lr"),
+    ("digits", "sgd"): ({**_DIGITS, "lr": 0.1, "momentum": 0.9}, _DIGITS_SRC + "; dp-sgd's lr"),
+}
 
 
 def tuned_defaults(dataset: str, optimizer: str) -> tuple[dict[str, Any], str]:
