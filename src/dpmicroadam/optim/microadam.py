@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .batched import batchable, batched_step
 from .kernels import Hyper, check_state, fast_step, init_state, loop_step
 
 STATE_FORMAT_VERSION = 1
@@ -149,36 +150,67 @@ class MicroAdam(Optimizer):
             self.param_groups.pop()
             raise
 
-    def _collect(self) -> list[tuple[str, Tensor, Tensor, dict, Hyper]]:
-        """Every (name, param, grad, group, hyper) to step, after checking all gradients."""
-        work = []
+    def _plan_step(
+        self,
+    ) -> tuple[list[tuple], list[tuple], list[tuple[list[str], list[int], Tensor]]]:
+        """Sort the tensors with a gradient into single steps and batches; nothing is mutated.
+
+        Returns ``(singles, batches, checks)``: ``(name, p, grad, group, hp, layout)`` per single
+        tensor; ``(names, params, flat_grad, hp)`` per batch of small tensors; and the
+        ``(names, numels, flat_grad)`` whose finiteness must hold before any state changes.
+        """
+        singles, batches, checks = [], [], []
         for gi, group in enumerate(self.param_groups):
             validate_group(group)
             hp = Hyper.from_group(group)
+            small: dict[tuple, list[tuple[str, Tensor]]] = {}
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 name = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
                 if p.grad.is_sparse:
                     raise TypeError(f"MicroAdam: {name} has a sparse gradient; use a dense one.")
-                work.append((name, p, p.grad, group, hp))
-        # Check every gradient before touching any state: one small reduction per tensor.
-        if work:
-            extremes = [
-                torch.stack(torch.aminmax(g.reshape(-1))).double() for _, _, g, _, _ in work
-            ]
-            by_device: dict[torch.device, list[int]] = {}
-            for i, (_, _, g, _, _) in enumerate(work):
-                by_device.setdefault(g.device, []).append(i)
-            for ids in by_device.values():
-                ok = torch.isfinite(torch.stack([extremes[i] for i in ids])).all(dim=1)
-                if not bool(ok.all()):
-                    bad = ids[int((~ok).nonzero()[0])]
-                    raise ValueError(
-                        f"MicroAdam: the gradient of {work[bad][0]} contains NaN or inf; no state "
-                        "was changed. Skip this step (e.g. a GradScaler does) or find the overflow."
-                    )
-        return work
+                layout = hp.layout(p.numel())
+                state = self.state.get(p)
+                if state:
+                    check_state(state, p, hp, layout, name)
+                if (
+                    group["implementation"] == "fast"
+                    and batchable(p, hp)
+                    and p.grad.is_contiguous()
+                ):
+                    step = int(state["step"]) if state else 0
+                    small.setdefault((p.device, p.dtype, step), []).append((name, p))
+                else:
+                    singles.append((name, p, p.grad, group, hp, layout))
+                    checks.append(([name], [p.numel()], p.grad))
+            for members in small.values():
+                names, params = [m[0] for m in members], [m[1] for m in members]
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                batches.append((names, params, flat, hp))
+                checks.append((names, [p.numel() for p in params], flat))
+        return singles, batches, checks
+
+    @staticmethod
+    def _check_finite(checks: list[tuple[list[str], list[int], Tensor]]) -> None:
+        """Raise naming the first tensor whose gradient holds NaN or inf (one reduction each)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, _, g) in enumerate(checks):
+            by_device.setdefault(g.device, []).append(i)
+        for ids in by_device.values():
+            extremes = torch.stack(
+                [torch.stack(torch.aminmax(checks[i][2].reshape(-1))).double() for i in ids]
+            )
+            ok = torch.isfinite(extremes).all(dim=1)
+            if bool(ok.all()):
+                continue
+            names, numels, grad = checks[ids[int((~ok).nonzero()[0])]]
+            first_bad = int((~torch.isfinite(grad.reshape(-1))).nonzero()[0])
+            member = int(torch.searchsorted(torch.tensor(numels).cumsum(0), first_bad, right=True))
+            raise ValueError(
+                f"MicroAdam: the gradient of {names[member]} contains NaN or inf; no state was "
+                "changed. Skip this step (e.g. a GradScaler does) or find the overflow."
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -187,14 +219,19 @@ class MicroAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for name, p, grad, group, hp in self._collect():
-            layout = hp.layout(p.numel())
+        singles, batches, checks = self._plan_step()
+        if checks:
+            self._check_finite(checks)
+        for name, p, grad, group, hp, layout in singles:
             state = self.state[p]
             if not state:
                 state.update(init_state(p, hp, layout))
-            else:
-                check_state(state, p, hp, layout, name)
             _IMPLEMENTATIONS[group["implementation"]](p, grad, state, hp, layout, name)
+        for names, params, flat, hp in batches:
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(init_state(p, hp, hp.layout(p.numel())))
+            batched_step(names, params, flat, [self.state[p] for p in params], hp)
         return loss
 
     def state_dict(self) -> dict[str, Any]:

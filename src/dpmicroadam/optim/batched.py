@@ -1,0 +1,178 @@
+"""One MicroAdam step over many small tensors at once (the fast path for biases and norms).
+
+A network has dozens of tensors of a few hundred entries; stepping them one by one costs ~40
+tiny torch calls each. Tensors that fit one top-k block and one quantization bucket are
+concatenated and stepped together with segment-wise operations. The arithmetic is the same,
+element by element, as :func:`dpmicroadam.optim.kernels.fast_step`, and every tensor keeps its
+own state in the same layout, so the two paths are interchangeable.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .kernels import Hyper, _bias_corrections, _moment_weights, _raise_overflow, compute_dtype
+from .topk import keep_count
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Index maps for a fixed list of tensor sizes (derived constants, cached)."""
+
+    numels: tuple[int, ...]
+    keeps: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    width: int  # longest tensor
+    seg: Tensor  # (D,) tensor number of every entry
+    pad_pos: Tensor  # (D,) position in the (n, width) padded matrix
+    keep_mask: Tensor  # (n, max k) True where the column rank is < k of the row
+    sel_offsets: Tensor  # (K,) start of the tensor of every kept column
+    low_dst: Tensor  # (H,) entry stored in the low nibble of every byte
+    high_src: Tensor  # bytes that hold a high nibble
+    high_dst: Tensor  # entry stored in that high nibble
+
+
+@functools.lru_cache(maxsize=64)
+def make_plan(
+    numels: tuple[int, ...], keeps: tuple[int, ...], bits: int | None, device: torch.device
+) -> Plan:
+    """Index maps for tensors of ``numels`` entries keeping ``keeps`` entries each."""
+    n = len(numels)
+    d = torch.tensor(numels)
+    starts = torch.cumsum(d, 0) - d
+    seg = torch.repeat_interleave(torch.arange(n), d)
+    within = torch.arange(int(d.sum())) - starts[seg]
+    width = max(numels)
+    k = torch.tensor(keeps)
+    keep_mask = torch.arange(max(keeps))[None, :] < k[:, None]
+    sel_offsets = torch.repeat_interleave(starts, k)
+    half = (d + 1) // 2
+    nbytes = tuple(half.tolist()) if bits == 4 else numels
+    low_seg = torch.repeat_interleave(torch.arange(n), half)
+    byte_starts = torch.cumsum(half, 0) - half
+    low_within = torch.arange(int(half.sum())) - byte_starts[low_seg]
+    high_seg = torch.repeat_interleave(torch.arange(n), d - half)
+    high_within = (
+        torch.arange(int((d - half).sum())) - (torch.cumsum(d - half, 0) - (d - half))[high_seg]
+    )
+
+    def dev(x: Tensor) -> Tensor:
+        return x.to(device)
+
+    return Plan(
+        numels=numels,
+        keeps=keeps,
+        nbytes=nbytes,
+        width=width,
+        seg=dev(seg),
+        pad_pos=dev(seg * width + within),
+        keep_mask=dev(keep_mask),
+        sel_offsets=dev(sel_offsets),
+        low_dst=dev(starts[low_seg] + low_within),
+        high_src=dev(byte_starts[high_seg] + high_within),
+        high_dst=dev(starts[high_seg] + half[high_seg] + high_within),
+    )
+
+
+def batchable(p: Tensor, hp: Hyper) -> bool:
+    """True if ``p`` fits one top-k block and one quantization bucket."""
+    block = p.numel() if hp.topk_block_size is None else hp.topk_block_size
+    return p.is_contiguous() and p.numel() <= min(block, hp.quant_bucket_size)
+
+
+def batched_step(
+    names: list[str], params: list[Tensor], grad: Tensor, states: list[dict[str, Tensor]], hp: Hyper
+) -> None:
+    """Step tensors of equal dtype, device and step count; ``grad`` is their flat concatenation."""
+    comp, dev = compute_dtype(params[0]), params[0].device
+    numels = tuple(p.numel() for p in params)
+    plan = make_plan(numels, tuple(keep_count(hp.density, n) for n in numels), hp.ef_bits, dev)
+    t = int(states[0]["step"]) + 1
+    n, total = len(params), sum(numels)
+    # 1. a <- g + dequant(e)
+    if hp.ef_bits is None:
+        scratch = torch.cat([st["ef"] for st in states])
+        a = scratch + grad.to(comp)
+    else:
+        levels = float(2**hp.ef_bits - 1)
+        codes = torch.cat([st["ef_codes"] for st in states])
+        lo = torch.cat([st["ef_min"] for st in states])
+        hi = torch.cat([st["ef_max"] for st in states])
+        a = torch.empty(total, dtype=comp, device=dev)
+        if hp.ef_bits == 8:
+            a.copy_(codes)
+        else:
+            a.index_copy_(0, plan.low_dst, (codes & 0x0F).to(comp))
+            a.index_copy_(0, plan.high_dst, (codes.index_select(0, plan.high_src) >> 4).to(comp))
+        a.mul_(((hi - lo) / levels).index_select(0, plan.seg)).add_(lo.index_select(0, plan.seg))
+        a.add_(grad)
+        scratch = a
+    # 2. top-k by |a| per tensor: rows of a padded matrix, padding below any magnitude
+    mag = torch.full((n * plan.width,), -1.0, dtype=comp, device=dev).index_copy_(
+        0, plan.pad_pos, a.abs()
+    )
+    ranked = torch.topk(mag.view(n, plan.width), plan.keep_mask.shape[1], dim=1).indices
+    local = ranked[plan.keep_mask]
+    glob = local + plan.sel_offsets
+    values = a.index_select(0, glob)
+    finite = torch.isfinite(values)
+    if not finite.all():
+        bad = int(
+            torch.repeat_interleave(torch.arange(n), torch.tensor(plan.keeps))[
+                int((~finite).nonzero()[0])
+            ]
+        )
+        _raise_overflow(names[bad])
+    # 3. a[sel] <- 0; e <- quant(a)
+    a.index_fill_(0, glob, 0)
+    if hp.ef_bits is None:
+        torch._foreach_copy_([st["ef"] for st in states], list(a.split(numels)))
+    else:
+        lo = torch.full((n,), float("inf"), dtype=comp, device=dev).scatter_reduce_(
+            0, plan.seg, a, "amin"
+        )
+        hi = torch.full((n,), -float("inf"), dtype=comp, device=dev).scatter_reduce_(
+            0, plan.seg, a, "amax"
+        )
+        step = (hi - lo) / levels
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        a.sub_(lo.index_select(0, plan.seg)).div_(step.index_select(0, plan.seg)).add_(0.5).floor_()
+        if hp.ef_bits == 4:
+            packed = a.index_select(0, plan.low_dst)
+            packed.index_add_(0, plan.high_src, a.index_select(0, plan.high_dst), alpha=16)
+        else:
+            packed = a
+        packed = packed.to(torch.int32).to(torch.uint8)
+        torch._foreach_copy_([st["ef_codes"] for st in states], list(packed.split(plan.nbytes)))
+        torch._foreach_copy_([st["ef_min"] for st in states], list(lo.split(1)))
+        torch._foreach_copy_([st["ef_max"] for st in states], list(hi.split(1)))
+    slot = (t - 1) % hp.window_size
+    torch._foreach_copy_([st["indices"][slot] for st in states], list(local.split(plan.keeps)))
+    torch._foreach_copy_([st["values"][slot] for st in states], list(values.split(plan.keeps)))
+    for st in states:
+        st["step"].fill_(t)
+    # 4. window moments at the window's coordinates, 5. u, 6. update
+    filled = min(t, hp.window_size)
+    idx = (
+        torch.cat([st["indices"][:filled] for st in states], dim=1)
+        .long()
+        .add_(plan.sel_offsets)
+        .reshape(-1)
+    )
+    v = torch.cat([st["values"][:filled] for st in states], dim=1).to(comp)
+    w1, w2 = _moment_weights(hp, t, filled, comp, dev)
+    scratch.index_fill_(0, idx, 0).index_add_(0, idx, (v * w1[:, None]).reshape(-1))
+    big_m = scratch.index_select(0, idx)
+    scratch.index_fill_(0, idx, 0).index_add_(0, idx, (v * v * w2[:, None]).reshape(-1))
+    big_s = scratch.index_select(0, idx)
+    c1, c2 = _bias_corrections(hp, t)
+    u = c1 * big_m / (torch.sqrt(c2 * big_s) + hp.eps)
+    flat = torch.cat([p.reshape(-1) for p in params])
+    if hp.weight_decay != 0:
+        flat.mul_(1 - hp.lr * hp.weight_decay)
+    flat.index_copy_(0, idx, (flat.index_select(0, idx).to(comp) - hp.lr * u).to(flat.dtype))
+    torch._foreach_copy_([p.view(-1) for p in params], list(flat.split(numels)))
