@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import use_ghost
-from .owner import Owner, chunks, weighted_sum
+from .owner import KEEP_RATIO, Owner, chunks, weighted_sum
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
@@ -169,8 +169,8 @@ def channel_stats(
     for sl in chunks(b, per):
         n, rows = sl.stop - sl.start, slice(sl.start * k, sl.stop * k)
         if ghost:
-            a = torch.cat([call.unfold(x[rows], n, k) for x in xs], 2)
-            o = torch.cat([call.out_rows(e[rows], n, k) for e in es], 2)
+            a = _cat([call.unfold(x[rows], n, k) for x in xs], 2)
+            o = _cat([call.out_rows(e[rows], n, k) for e in es], 2)
             gram = a @ a.mT
             stats["sq"].append(((gram @ o) * o).sum(2).reshape(n, out_ch))
             stats["total"].append((o * a.sum(-1, keepdim=True)).sum(2).reshape(n, out_ch))
@@ -184,10 +184,14 @@ def channel_stats(
             if kept is None:
                 kept = g.new_empty((b, out_ch, d_in))
             kept[sl] = g
-    result = {name: torch.cat(parts) for name, parts in stats.items()}
+    result = {name: _cat(parts, 0) for name, parts in stats.items()}
     if kept is not None:
         result["kept"] = kept
     return result
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 class ConvOwner(Owner):
@@ -229,6 +233,12 @@ class ConvOwner(Owner):
     def reset(self) -> None:
         super().reset()
         self._data = self._kept = self._grad_b = None
+
+
+def keep_grads(call: ConvCall, xs: list, es: list, k: int) -> bool:
+    """Whether keeping per-example weight gradients fits the memory rule (KEEP_RATIO)."""
+    stored = k * sum(x[0].numel() + e[0].numel() for x, e in zip(xs, es))
+    return call.weight.numel() <= KEEP_RATIO * stored
 
 
 def scaled_weight_grad(call, xs, es, factors, k) -> torch.Tensor:

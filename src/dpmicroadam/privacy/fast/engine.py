@@ -115,8 +115,10 @@ class FastEngine:
         dtype = self.params[0].dtype if self.params else loss.dtype
         sq = torch.zeros(b, dtype=dtype, device=loss.device)
         active = [(o, s) for o, s in zip(self._owners, self._slots) if o.records]
+        del grads, it, pairs, edges
         for owner, _ in active:
             sq = sq + owner.sq_norms(b, k).to(dtype)
+            owner.records = []  # rules keep only what their sums need; free the rest early
         norms = sq.sqrt()
         if math.isinf(clip_norm):
             factors = torch.ones_like(norms)

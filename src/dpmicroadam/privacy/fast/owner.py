@@ -11,6 +11,11 @@ from .capture import Record, make_record
 # gradients, Gram matrices or unfolded inputs): 2**24 float32 entries = 64 MiB.
 CHUNK_ELEMENTS = 2**24
 
+# An instantiated layer keeps its per-example gradients (making its clipped sum a cheap weighted
+# sum, and freeing its stored input and output gradient) when they hold at most this many times
+# the entries of that input and output gradient.
+KEEP_RATIO = 2.5
+
 
 def chunks(b: int, per_example: int):
     """Yields slices over ``b`` examples so that each chunk holds about CHUNK_ELEMENTS entries."""

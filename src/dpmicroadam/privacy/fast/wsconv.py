@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .capture import make_record
-from .conv import ConvCall, ConvOwner, channel_stats, scaled_weight_grad
+from .conv import ConvCall, ConvOwner, channel_stats, keep_grads, scaled_weight_grad
 from .fallback import FallbackOwner
 from .owner import chunks, weighted_sum
 
@@ -50,8 +50,11 @@ class _ConvCapture(TorchFunctionMode):
         return out
 
 
-def standardization(module, captured: torch.Tensor):
-    """``(u/s, γ/s, clamped)`` if ``captured`` is the scaled WS of module.weight, else None."""
+def standardization(module, captured: torch.Tensor, probe_checked: bool):
+    """``(u/s, γ/s, clamped)`` if ``captured`` is the scaled WS of module.weight, else None.
+
+    The value of ŵ is compared on every call; the derivative, once (``probe_checked`` False).
+    """
     weight, gain = module.weight, getattr(module, "gain", None)
     out = weight.shape[0]
     if not isinstance(gain, torch.Tensor) or gain.numel() != out or captured.shape != weight.shape:
@@ -70,6 +73,8 @@ def standardization(module, captured: torch.Tensor):
         ):
             return None
         clamped = raw <= 1e-4
+    if probe_checked:
+        return u / s.unsqueeze(1), g / s, clamped
     # One Jacobian-vector product with a fixed probe confirms the derivative as well.
     probe = torch.randn(captured.shape, generator=torch.Generator().manual_seed(0)).to(captured)
     params = [p for p in (weight, gain) if p.requires_grad]
@@ -95,6 +100,8 @@ def _ws_vjp(grad_hat, direction, ratio, clamped):
 
 class ReparamConvOwner(ConvOwner):
     """A Conv1d/Conv2d subclass whose forward computes its own weight (e.g. ``WSConv2d``)."""
+
+    _probe_checked = False
 
     def install(self) -> list:
         modes = []
@@ -135,10 +142,13 @@ class ReparamConvOwner(ConvOwner):
         xs, es = [call.prepare(self.rows(x, n))], [self.rows(record.grads[0], n)]
         self._data = (call, xs, es, k)
         self._outputs = [t for t in (call.weight, call.bias) if t is not None and t.requires_grad]
-        self._kept = None
+        self._kept = self._grad_b = None
         names = {id(p) for _, p in self.params}
         simple_bias = call.bias is None or call.bias is self.module.bias
-        ws = standardization(self.module, call.weight) if call.weight.requires_grad else None
+        ws = None
+        if call.weight.requires_grad:
+            ws = standardization(self.module, call.weight, self._probe_checked)
+            self._probe_checked = ws is not None
         if (
             ws is not None
             and simple_bias
@@ -151,7 +161,7 @@ class ReparamConvOwner(ConvOwner):
     def _ws_sq_norms(self, b, k, call, xs, es, output, version):
         direction, ratio, clamped = self._ws
         module, e = self.module, es[0]
-        keep = call.weight.numel() <= k * (xs[0][0].numel() + e[0].numel())
+        keep = keep_grads(call, xs, es, k)
         stats = channel_stats(call, xs, es, b, k, keep, direction=direction)
         self._kept = stats.get("kept")
         if "dot" in stats:
@@ -169,6 +179,9 @@ class ReparamConvOwner(ConvOwner):
         if self.trainable(module.bias):
             self._grad_b = e.reshape(b, k, e.shape[1], -1).sum((1, 3))
             sq = sq + self._grad_b.square().sum(1)
+        if self._kept is not None:
+            self._data = (call, None, None, k)  # the stored tensors are no longer needed
+            self.records = []
         return sq
 
     def _gain_grads(self, call, x, e, output, version, direction, b, k):
@@ -213,14 +226,16 @@ class ReparamConvOwner(ConvOwner):
         if self._fallback is not None:
             return self._fallback.sums(factors)
         call, xs, es, k = self._data
-        e = es[0]
         grads = []
         if call.weight.requires_grad:
             if self._kept is not None:
                 grads.append(weighted_sum(factors, self._kept).reshape(call.weight.shape))
             else:
                 grads.append(scaled_weight_grad(call, xs, es, factors, k))
-        if call.bias is not None and call.bias.requires_grad:
+        if self._grad_b is not None:
+            grads.append(weighted_sum(factors, self._grad_b))
+        elif call.bias is not None and call.bias.requires_grad:
+            e = es[0]
             rows = factors.to(e.dtype).repeat_interleave(k)
             grads.append((e * rows.view(-1, *([1] * (e.dim() - 1)))).sum([0, *range(2, e.dim())]))
         targets = [p for _, p in self.params]
