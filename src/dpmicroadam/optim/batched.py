@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import Hyper, _bias_corrections, _moment_weights, _raise_overflow, compute_dtype
+from .kernels import (
+    Hyper,
+    bias_corrections,
+    compute_dtype,
+    moment_weights,
+    raise_overflow,
+    window_moments,
+)
 from .topk import keep_count
 
 
@@ -126,7 +133,7 @@ def batched_step(
                 int((~finite).nonzero()[0])
             ]
         )
-        _raise_overflow(names[bad])
+        raise_overflow(names[bad])
     # 3. a[sel] <- 0; e <- quant(a)
     a.index_fill_(0, glob, 0)
     if hp.ef_bits is None:
@@ -164,15 +171,11 @@ def batched_step(
         .reshape(-1)
     )
     v = torch.cat([st["values"][:filled] for st in states], dim=1).to(comp)
-    w1, w2 = _moment_weights(hp, t, filled, comp, dev)
-    scratch.index_fill_(0, idx, 0).index_add_(0, idx, (v * w1[:, None]).reshape(-1))
-    big_m = scratch.index_select(0, idx)
-    scratch.index_fill_(0, idx, 0).index_add_(0, idx, (v * v * w2[:, None]).reshape(-1))
-    big_s = scratch.index_select(0, idx)
-    c1, c2 = _bias_corrections(hp, t)
+    big_m, big_s = window_moments(scratch, idx, v, *moment_weights(hp, t, filled, comp, dev))
+    c1, c2 = bias_corrections(hp, t)
     u = c1 * big_m / (torch.sqrt(c2 * big_s) + hp.eps)
     flat = torch.cat([p.reshape(-1) for p in params])
     if hp.weight_decay != 0:
         flat.mul_(1 - hp.lr * hp.weight_decay)
-    flat.index_copy_(0, idx, (flat.index_select(0, idx).to(comp) - hp.lr * u).to(flat.dtype))
+    flat.scatter_(0, idx, (flat.index_select(0, idx).to(comp) - hp.lr * u).to(flat.dtype))
     torch._foreach_copy_([p.view(-1) for p in params], list(flat.split(numels)))

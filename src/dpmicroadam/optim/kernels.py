@@ -16,6 +16,7 @@ State of one parameter (tensors only):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -114,23 +115,57 @@ def check_state(
         )
 
 
-def _raise_overflow(name: str) -> None:
+def raise_overflow(name: str) -> None:
     raise ValueError(
         f"MicroAdam: gradient plus error feedback of {name} overflowed to inf/NaN; lower the "
         "learning rate or clip gradients. The state of this parameter was left untouched."
     )
 
 
-def _moment_weights(
-    hp: Hyper, t: int, filled: int, comp: torch.dtype, dev
-) -> tuple[Tensor, Tensor]:
-    ages = [(t - 1 - i) % hp.window_size for i in range(filled)]
-    w1 = torch.tensor([hp.beta1**r for r in ages], dtype=comp, device=dev)
-    w2 = torch.tensor([hp.beta2**r for r in ages], dtype=comp, device=dev)
+def moment_weights(hp: Hyper, t: int, filled: int, comp: torch.dtype, dev) -> tuple[Tensor, Tensor]:
+    """(beta1**age, beta2**age) of the filled slots, as (filled, 1) columns; cached."""
+    return _weights(
+        hp.beta1,
+        hp.beta2,
+        hp.window_size,
+        (t - 1) % hp.window_size,
+        filled,
+        comp,
+        torch.device(dev),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _weights(
+    beta1: float,
+    beta2: float,
+    m: int,
+    newest: int,
+    filled: int,
+    comp: torch.dtype,
+    dev: torch.device,
+):
+    ages = [(newest - i) % m for i in range(filled)]
+    w1 = torch.tensor([beta1**r for r in ages], dtype=comp, device=dev)[:, None]
+    w2 = torch.tensor([beta2**r for r in ages], dtype=comp, device=dev)[:, None]
     return w1, w2
 
 
-def _bias_corrections(hp: Hyper, t: int) -> tuple[float, float]:
+def window_moments(
+    scratch: Tensor, idx: Tensor, v: Tensor, w1: Tensor, w2: Tensor
+) -> tuple[Tensor, Tensor]:
+    """M and S (SPEC step 4) at every window entry, using ``scratch`` at those coordinates only.
+
+    ``idx`` lists the window's coordinates slot by slot, so each coordinate's sum runs over the
+    slots in order, as in the ground-truth loop.
+    """
+    scratch.scatter_(0, idx, 0.0).scatter_add_(0, idx, (v * w1).reshape(-1))
+    big_m = scratch.index_select(0, idx)
+    scratch.scatter_(0, idx, 0.0).scatter_add_(0, idx, (v * v * w2).reshape(-1))
+    return big_m, scratch.index_select(0, idx)
+
+
+def bias_corrections(hp: Hyper, t: int) -> tuple[float, float]:
     return (1 - hp.beta1) / (1 - hp.beta1**t), (1 - hp.beta2) / (1 - hp.beta2**t)
 
 
@@ -157,7 +192,7 @@ def loop_step(
     glob = local + layout.column_offsets(p.device)
     values = a[glob]
     if not torch.isfinite(values).all():
-        _raise_overflow(name)
+        raise_overflow(name)
     # 3. a[sel] <- 0; e <- quant(a), one bucket at a time
     a[glob] = 0
     if hp.ef_bits is None:
@@ -176,7 +211,7 @@ def loop_step(
         big_m[idx] += hp.beta1**r * v
         big_s[idx] += hp.beta2**r * v * v
     # 5. u = c1 M / (sqrt(c2 S) + eps); zero off the window
-    c1, c2 = _bias_corrections(hp, t)
+    c1, c2 = bias_corrections(hp, t)
     u = c1 * big_m / (torch.sqrt(c2 * big_s) + hp.eps)
     # 6. theta <- theta (1 - lr wd) - lr u
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
@@ -237,7 +272,7 @@ def fast_step(
     local, glob = blockwise_topk(a, layout)
     values = a.index_select(0, glob)
     if not torch.isfinite(values).all():
-        _raise_overflow(name)
+        raise_overflow(name)
     a.index_fill_(0, glob, 0)
     if hp.ef_bits is None:
         scratch, state["ef"] = state["ef"], a
@@ -250,18 +285,13 @@ def fast_step(
     filled = min(t, hp.window_size)
     idx = (state["indices"][:filled].long() + layout.column_offsets(dev)).reshape(-1)
     v = state["values"][:filled].to(comp)
-    w1, w2 = _moment_weights(hp, t, filled, comp, dev)
-    # M and S at the window's coordinates: zero them, scatter-add, read back.
-    scratch.index_fill_(0, idx, 0).index_add_(0, idx, (v * w1[:, None]).reshape(-1))
-    big_m = scratch.index_select(0, idx)
-    scratch.index_fill_(0, idx, 0).index_add_(0, idx, (v * v * w2[:, None]).reshape(-1))
-    big_s = scratch.index_select(0, idx)
-    c1, c2 = _bias_corrections(hp, t)
+    big_m, big_s = window_moments(scratch, idx, v, *moment_weights(hp, t, filled, comp, dev))
+    c1, c2 = bias_corrections(hp, t)
     u = c1 * big_m / (torch.sqrt(c2 * big_s) + hp.eps)
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
     if hp.weight_decay != 0:
         flat.mul_(1 - hp.lr * hp.weight_decay)
     # Duplicate indices (a coordinate in several slots) all write the same value.
-    flat.index_copy_(0, idx, (flat.index_select(0, idx).to(comp) - hp.lr * u).to(p.dtype))
+    flat.scatter_(0, idx, (flat.index_select(0, idx).to(comp) - hp.lr * u).to(p.dtype))
     if not p.is_contiguous():
         p.copy_(flat.view_as(p))

@@ -9,6 +9,7 @@ their block*, so a block of at most 32768 entries fits int16 indices; the select
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -70,12 +71,20 @@ class BlockLayout:
         return out
 
     def column_offsets(self, device: torch.device | str = "cpu") -> Tensor:
-        """int64 offset of the block of every stored column: global = local + offset."""
+        """int64 offset of the block of every stored column: global = local + offset (cached)."""
+        return _column_offsets(self, torch.device(device))
+
+    def _offsets(self, device: torch.device) -> Tensor:
         cols = torch.arange(self.k_total, device=device)
         offsets = torch.div(cols, max(self.k_full, 1), rounding_mode="floor") * self.block_size
         if self.k_tail:
             offsets[self.n_full * self.k_full :] = self.n_full * self.block_size
         return offsets
+
+
+@functools.lru_cache(maxsize=1024)
+def _column_offsets(layout: BlockLayout, device: torch.device) -> Tensor:
+    return layout._offsets(device)
 
 
 def make_layout(numel: int, density: float, block_size: int | None) -> BlockLayout:
