@@ -64,8 +64,11 @@ COLUMNS = [
 ]
 
 
-def load_sweep(path: str | Path) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
-    """Read a sweep file: (name, [(tag, settings), ...]) in a stable order."""
+TUNABLE = ("lr", "momentum", "clip_norm", "density", "window_size", "lr_schedule")
+
+
+def load_sweep(path: str | Path) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """Read a sweep file: (name, base settings, grid blocks) in file order."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {str(path)!r} does not exist")
@@ -73,23 +76,54 @@ def load_sweep(path: str | Path) -> tuple[str, list[tuple[str, dict[str, Any]]]]
         spec = tomllib.load(fh)
     name = spec.get("name", path.stem)
     base = {k.replace("-", "_"): v for k, v in spec.get("base", {}).items()}
-    blocks = spec.get("grid")
+    blocks = [{k.replace("-", "_"): v for k, v in b.items()} for b in spec.get("grid", [])]
     if not blocks:
         raise ValueError(f"{str(path)!r} has no [[grid]] block; add at least one")
-    runs: list[tuple[str, dict[str, Any]]] = []
-    seen: set[str] = set()
-    for block in blocks:
-        block = {k.replace("-", "_"): v for k, v in block.items()}
-        tag = str(block.pop("tag", "grid"))
-        keys = sorted(block)
-        values = [v if isinstance(v, list) else [v] for v in (block[k] for k in keys)]
-        for combo in itertools.product(*values):
-            settings = {**base, **dict(zip(keys, combo))}
-            rid = run_id(settings)
-            if (tag, rid) not in seen:
-                seen.add((tag, rid))
-                runs.append((tag, settings))
-    return name, runs
+    return name, base, blocks
+
+
+def expand_block(
+    base: dict[str, Any], block: dict[str, Any], rows: list[dict[str, str]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """The runs of one grid block: the Cartesian product of its list values.
+
+    A value ``"tuned"`` (for lr, momentum, clip_norm, density, window_size, lr_schedule) takes the
+    setting of that optimizer's best mean validation accuracy among the finished ``tune`` rows, so
+    later blocks use what the tuning found, never the test split. Blocks whose tuned values are not
+    known yet yield no runs.
+    """
+    from dpmicroadam.train.report import best_by_validation, summarize
+
+    block = dict(block)
+    tag = str(block.pop("tag", "grid"))
+    keys = sorted(block)
+    values = [v if isinstance(v, list) else [v] for v in (block[k] for k in keys)]
+    best = best_by_validation(summarize(rows)) if rows else {}
+    runs = []
+    for combo in itertools.product(*values):
+        settings = {**base, **dict(zip(keys, combo))}
+        tuned = [k for k, v in settings.items() if v == "tuned"]
+        if tuned:
+            rec = best.get(settings.get("optimizer", "dp-microadam"))
+            if rec is None:
+                continue
+            for k in tuned:
+                if k not in TUNABLE:
+                    raise ValueError(f"'tuned' is not allowed for {k!r}; only for {TUNABLE}")
+                settings[k] = _typed(rec[k])
+        runs.append((tag, settings))
+    return runs
+
+
+def _typed(v: str) -> Any:
+    if v == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def run_id(settings: dict[str, Any]) -> str:
@@ -113,48 +147,57 @@ def run_sweep(
     progress: bool = False,
 ) -> list[dict[str, str]]:
     """Run every missing run of a sweep, appending one CSV row per run; returns all rows."""
-    name, runs = load_sweep(path)
+    name, base, blocks = load_sweep(path)
     results_dir = Path(results_dir)
     runs_dir = results_dir / "runs" / name
     runs_dir.mkdir(parents=True, exist_ok=True)
     csv_path = results_dir / f"{name}.csv"
-    done = {(r["tag"], r["run_id"]) for r in read_rows(csv_path)}
-    todo = [(t, s) for t, s in runs if (t, run_id(s)) not in done]
-    print(
-        f"sweep {name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run",
-        file=sys.stderr,
-        flush=True,
-    )
-    for i, (tag, settings) in enumerate(todo[:limit] if limit else todo, 1):
-        rid = run_id(settings)
-        out = runs_dir / rid
-        resume = (out / CHECKPOINT).exists()
-        if (out / "summary.json").exists():
-            summary, status = json.loads((out / "summary.json").read_text()), "ok"
-        else:
-            cfg = resolve_config(
-                {**settings, "out": str(out), "resume": resume, "progress": progress}
-            )
-            start = time.perf_counter()
-            try:
-                summary, status = train(cfg), "ok"
-            except TrainingDiverged:
-                summary = {"optimizer": cfg.optimizer, "wall_seconds": time.perf_counter() - start}
-                status = "diverged"
-        row = _row(rid, tag, status, settings, summary)
-        _append(csv_path, row)
+    ran = 0
+    for b, block in enumerate(blocks, 1):
+        rows = read_rows(csv_path)
+        done = {(r["tag"], r["run_id"]) for r in rows}
+        runs = expand_block(base, block, rows)
+        todo = [(t, st) for t, st in runs if (t, run_id(st)) not in done]
         print(
-            f"[{i}/{len(todo)}] {tag} {rid} {row['optimizer']} eps={row['target_epsilon']} "
-            f"C={row['clip_norm']} lr={row['lr']} seed={row['seed']}: {status} "
-            f"val={row['val_accuracy']} test={row['test_accuracy']} ({row['wall_seconds']} s)",
+            f"sweep {name} block {b}/{len(blocks)} ({block.get('tag', 'grid')}): {len(runs)} runs, "
+            f"{len(runs) - len(todo)} done, {len(todo)} to run",
             file=sys.stderr,
             flush=True,
         )
+        for i, (tag, settings) in enumerate(todo, 1):
+            if limit is not None and ran >= limit:
+                break
+            row = _run_one(tag, settings, runs_dir, progress)
+            _append(csv_path, row)
+            ran += 1
+            print(
+                f"[{i}/{len(todo)}] {tag} {row['run_id']} {row['optimizer']} "
+                f"eps={row['target_epsilon']} C={row['clip_norm']} lr={row['lr']} "
+                f"density={row['density']} seed={row['seed']}: {row['status']} "
+                f"val={row['val_accuracy']} test={row['test_accuracy']} ({row['wall_seconds']} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = read_rows(csv_path)
     from dpmicroadam.train.report import write_report
 
     write_report(rows, results_dir, name)
     return rows
+
+
+def _run_one(tag: str, settings: dict[str, Any], runs_dir: Path, progress: bool) -> dict[str, Any]:
+    rid = run_id(settings)
+    out = runs_dir / rid
+    if (out / "summary.json").exists():
+        return _row(rid, tag, "ok", settings, json.loads((out / "summary.json").read_text()))
+    resume = (out / CHECKPOINT).exists()
+    cfg = resolve_config({**settings, "out": str(out), "resume": resume, "progress": progress})
+    start = time.perf_counter()
+    try:
+        return _row(rid, tag, "ok", settings, train(cfg))
+    except TrainingDiverged:
+        summary = {"optimizer": cfg.optimizer, "wall_seconds": time.perf_counter() - start}
+        return _row(rid, tag, "diverged", settings, summary)
 
 
 def _row(
@@ -194,7 +237,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.report_only:
         from dpmicroadam.train.report import write_report
 
-        name, _ = load_sweep(args.config)
+        name, _, _ = load_sweep(args.config)
         write_report(
             read_rows(Path(args.results_dir) / f"{name}.csv"), Path(args.results_dir), name
         )

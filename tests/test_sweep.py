@@ -1,0 +1,57 @@
+"""`dpmicroadam sweep`: resumable grid, tuned values from validation only, report files."""
+
+from __future__ import annotations
+
+import csv
+
+from dpmicroadam.cli import main
+from dpmicroadam.train.report import best_by_validation, summarize
+from dpmicroadam.train.sweep import read_rows
+
+SWEEP = """
+name = "tiny"
+[base]
+dataset = "digits"
+steps = 4
+batch_size = 64
+eval_every = 4
+[[grid]]
+tag = "tune"
+optimizer = ["dp-sgd", "dp-microadam"]
+lr = [0.001, 0.1]
+epsilon = 8.0
+[[grid]]
+tag = "epsilon"
+optimizer = ["dp-sgd", "dp-microadam"]
+lr = "tuned"
+epsilon = [2.0, 8.0]
+"""
+
+
+def test_sweep_runs_resumes_and_reports(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(SWEEP)
+    results = tmp_path / "results"
+    assert main(["sweep", str(cfg), "--results-dir", str(results), "--limit", "3"]) == 0
+    assert len(read_rows(results / "tiny.csv")) == 3  # stopped after 3 runs, like an interruption
+    assert main(["sweep", str(cfg), "--results-dir", str(results)]) == 0
+    rows = read_rows(results / "tiny.csv")
+    assert len(rows) == 8  # 4 tuning runs + 2 optimizers x 2 epsilons, none repeated
+    assert len({(r["tag"], r["run_id"]) for r in rows}) == 8
+    best = best_by_validation(summarize(rows))
+    for r in rows:
+        if r["tag"] == "epsilon":
+            assert r["lr"] == best[r["optimizer"]]["lr"]  # chosen on validation accuracy
+            assert float(r["epsilon"]) <= float(r["target_epsilon"])
+    err = capsys.readouterr().err
+    assert "0 to run" in err or "done" in err
+    assert main(["sweep", str(cfg), "--results-dir", str(results)]) == 0
+    assert len(read_rows(results / "tiny.csv")) == 8  # a third call runs nothing
+    for name in ("tiny.md", "tiny-epsilon.png", "tiny-tune.png", "tiny-curves.png"):
+        assert (results / name).is_file(), name
+    with (results / "tiny.csv").open() as fh:
+        header = next(csv.reader(fh))
+    for col in ("optimizer", "target_epsilon", "epsilon", "delta", "accountant", "clip_norm", "lr",
+                "lr_schedule", "momentum", "batch_size", "epochs", "density", "window_size",
+                "seed", "val_accuracy", "test_accuracy", "wall_seconds"):
+        assert col in header, col
