@@ -113,8 +113,11 @@ def test_per_example_grads_through_minilm_equal_a_loop(tokenizer, mode):
         loss_rows(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
         for g, p in zip(per_example, engine.params):
             torch.testing.assert_close(g[i], p.grad, atol=2e-6, rtol=1e-4)
-    nonzero = [g.abs().sum() > 0 for g in per_example]
-    assert sum(nonzero) >= len(nonzero) - 1  # every trained tensor gets a gradient
+    # Zero up to rounding: a key bias shifts every score of a query equally (softmax ignores it), and
+    # LoRA's A gets no gradient while B is still at its zero initialization.
+    for name, g in zip(engine.names, per_example):
+        zero = "attention.self.key.bias" in name or "lora_A" in name
+        assert bool(g.abs().max() < 1e-7) == zero, (name, float(g.abs().max()))
 
 
 def test_trainable_modes_pick_the_right_parameters():
@@ -153,6 +156,7 @@ def run_cfg(data, tmp_path, mode, **kw):
         trainable=mode,
         max_length=8,
         steps=4,
+        eval_every=4,
         batch_size=16,
         physical_batch_size=16,
         noise_multiplier=0.3,  # generous ε: a few private steps must show learning
@@ -174,7 +178,14 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize(
+    "mode",
+    # `all` computes 22.7 M-entry per-example gradients (the word embeddings alone are 11.7 M):
+    # minutes on a small CPU, so it runs with -m slow.
+    # lora runs 25-30 s on a loaded 2-core CPU: with -m slow as well (its gradients are checked
+    # in the default run above).
+    ["head", "bias", *(pytest.param(m, marks=pytest.mark.slow) for m in ("lora", "all"))],
+)
 def test_private_finetuning_lowers_the_test_loss(data, tmp_path, mode):
     trainer = FinetuneTrainer(run_cfg(data, tmp_path, mode, **MODES[mode]))
     assert type(trainer.mechanism.engine).__name__ == "VmapEngine"
