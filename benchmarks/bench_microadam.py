@@ -79,7 +79,7 @@ def measure(
         [torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes] for _ in range(4)
     ]
     opt = make(params)
-    times = []
+    times, cpu_times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -87,11 +87,12 @@ def measure(
         for p, g in zip(params, grads[i % len(grads)]):
             p.grad = g
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         opt.step()
         _sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
+            cpu_times.append((time.process_time() - cpu_start) * 1e3)
     numel = sum(p.numel() for p in params)
     peak = None
     if device.type == "cuda":
@@ -107,6 +108,7 @@ def measure(
         "shape": f"wrn16-4 ({len(shapes)} tensors, {numel} params)",
         "median_ms": round(statistics.median(times), 3),
         "min_ms": round(min(times), 3),
+        "cpu_ms": round(statistics.median(cpu_times), 3),
         "peak_extra_mib": None if peak is None else round(peak, 1),
         "state_bytes": sb,
         "bytes_per_param": round(sb / numel, 4),
@@ -137,7 +139,10 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="alternate all configs this many times"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shapes = wrn16_4_shapes()
     results: dict[str, list[dict]] = {}
@@ -146,13 +151,15 @@ def main() -> None:
             results.setdefault(name, []).append(
                 measure(name, CONFIGS[name], shapes, device, dtype, args.steps)
             )
-    base = statistics.median(
-        r["median_ms"] for r in results.get("adamw_foreach", [{"median_ms": float("nan")}])
-    )
+    baseline = results.get("adamw_foreach", [{"median_ms": float("nan"), "cpu_ms": float("nan")}])
+    base = statistics.median(r["median_ms"] for r in baseline)
+    cpu_base = statistics.median(r["cpu_ms"] for r in baseline)
     for runs in results.values():
         row = dict(runs[-1])
         row["median_ms"] = round(statistics.median(r["median_ms"] for r in runs), 3)
+        row["cpu_ms"] = round(statistics.median(r["cpu_ms"] for r in runs), 3)
         row["ratio_to_adamw"] = round(row["median_ms"] / base, 2)
+        row["cpu_ratio_to_adamw"] = round(row["cpu_ms"] / cpu_base, 2)
         print(json.dumps(row), flush=True)
 
 
