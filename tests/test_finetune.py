@@ -32,6 +32,7 @@ from dpmicroadam.models.trainable import (  # noqa: E402
     trainable_count,
 )
 from dpmicroadam.privacy import VmapEngine  # noqa: E402
+from dpmicroadam.train.checkpoint import load_checkpoint  # noqa: E402
 from dpmicroadam.train.finetune import (  # noqa: E402
     FinetuneTrainer,
     finetune_vision,
@@ -96,6 +97,12 @@ def test_wrapper_matches_the_hf_model_and_has_no_dropout(tokenizer):
     torch.testing.assert_close(got2, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"\(b, 2 or 3, L\)"):
         model(x[:, 0])
+    pairs = encode_texts(tokenizer, texts, ["yes", "no", "maybe so"], max_length=12)
+    assert pairs[:, 2].amax(1).tolist() == [1, 1, 1]  # the second text has token type 1
+    enc = tokenizer(texts, ["yes", "no", "maybe so"], padding="max_length", truncation=True,
+                    max_length=12, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(model(pairs), model.hf(**enc).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["bias", "lora", pytest.param("all", marks=pytest.mark.slow)])
@@ -296,6 +303,28 @@ def test_vision_from_tensors(tmp_path):
     assert summary["trainable_parameters"] == 8 + 2 * 8 + 2
     with pytest.raises(TypeError, match="dataset must be"):
         finetune_vision(model, [x, y], out=str(tmp_path / "u"))
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(data, tmp_path):
+    kw = dict(steps=4, eval_every=2, checkpoint_every=2, **MODES["bias"])
+    full = FinetuneTrainer(run_cfg(data, tmp_path / "full", "bias", **kw)).run()
+    cut_cfg = run_cfg(data, tmp_path / "cut", "bias", **kw)
+    assert FinetuneTrainer(cut_cfg, stop_after=3).run() == {"stopped_at": 3}
+    resumed = FinetuneTrainer(run_cfg(data, tmp_path / "cut", "bias", resume=True, **kw)).run()
+    for key in ("test_accuracy", "epsilon", "steps"):
+        assert full[key] == resumed[key], key
+    a = load_checkpoint(tmp_path / "full" / "bias" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "bias" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_timm_missing_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    code = main(["finetune", "--timm-model", "resnet18", "--dataset", "digits", "--steps", "1",
+                 "--out", str(tmp_path)])  # fmt: skip
+    assert code == 2
+    assert "needs the optional 'timm' package" in capsys.readouterr().err
 
 
 def test_timm_missing_says_how_to_install(monkeypatch):

@@ -107,7 +107,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = resolve_finetune_config(_overrides(args))
     if cfg.json:
         cfg.progress = False
-    summary = FinetuneTrainer(cfg).run()
+    try:
+        summary = FinetuneTrainer(cfg).run()
+    except ImportError as err:  # an optional extra (transformers, peft, timm) is missing
+        raise ValueError(str(err)) from err
     if cfg.json:
         print(json.dumps(summary))
     else:
