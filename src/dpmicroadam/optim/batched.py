@@ -17,10 +17,10 @@ from torch import Tensor
 
 from .kernels import (
     Hyper,
-    bias_corrections,
     compute_dtype,
     moment_weights,
     raise_overflow,
+    sparse_update,
     window_moments,
 )
 from .topk import keep_count
@@ -172,10 +172,6 @@ def batched_step(
     )
     v = torch.cat([st["values"][:filled] for st in states], dim=1).to(comp)
     big_m, big_s = window_moments(scratch, idx, v, *moment_weights(hp, t, filled, comp, dev))
-    c1, c2 = bias_corrections(hp, t)
-    u = c1 * big_m / (torch.sqrt(c2 * big_s) + hp.eps)
     flat = torch.cat([p.reshape(-1) for p in params])
-    if hp.weight_decay != 0:
-        flat.mul_(1 - hp.lr * hp.weight_decay)
-    flat.scatter_(0, idx, (flat.index_select(0, idx).to(comp) - hp.lr * u).to(flat.dtype))
+    sparse_update(flat, idx, big_m, big_s, hp, t)
     torch._foreach_copy_([p.view(-1) for p in params], list(flat.split(numels)))

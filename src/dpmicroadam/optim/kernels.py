@@ -165,6 +165,26 @@ def window_moments(
     return big_m, scratch.index_select(0, idx)
 
 
+def sparse_update(
+    flat: Tensor, idx: Tensor, big_m: Tensor, big_s: Tensor, hp: Hyper, t: int
+) -> None:
+    """SPEC steps 5-6 at the window's coordinates; ``big_m`` and ``big_s`` are consumed.
+
+    Same operation order as the ground truth, so the result matches it bit for bit.
+    Duplicate indices (a coordinate in several slots) all write the same value.
+    """
+    c1, c2 = bias_corrections(hp, t)
+    u = big_m.mul_(c1).div_(big_s.mul_(c2).sqrt_().add_(hp.eps))
+    if hp.weight_decay != 0:
+        flat.mul_(1 - hp.lr * hp.weight_decay)
+    theta = flat.index_select(0, idx)
+    if theta.dtype == u.dtype:
+        theta.sub_(u.mul_(hp.lr))
+    else:
+        theta = (theta.to(u.dtype) - u.mul_(hp.lr)).to(flat.dtype)
+    flat.scatter_(0, idx, theta)
+
+
 def bias_corrections(hp: Hyper, t: int) -> tuple[float, float]:
     return (1 - hp.beta1) / (1 - hp.beta1**t), (1 - hp.beta2) / (1 - hp.beta2**t)
 
@@ -286,12 +306,7 @@ def fast_step(
     idx = (state["indices"][:filled].long() + layout.column_offsets(dev)).reshape(-1)
     v = state["values"][:filled].to(comp)
     big_m, big_s = window_moments(scratch, idx, v, *moment_weights(hp, t, filled, comp, dev))
-    c1, c2 = bias_corrections(hp, t)
-    u = c1 * big_m / (torch.sqrt(c2 * big_s) + hp.eps)
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
-    if hp.weight_decay != 0:
-        flat.mul_(1 - hp.lr * hp.weight_decay)
-    # Duplicate indices (a coordinate in several slots) all write the same value.
-    flat.scatter_(0, idx, (flat.index_select(0, idx).to(comp) - hp.lr * u).to(p.dtype))
+    sparse_update(flat, idx, big_m, big_s, hp, t)
     if not p.is_contiguous():
         p.copy_(flat.view_as(p))
