@@ -342,3 +342,15 @@ def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
     _close(_weights(tmp_path / "two"), _weights(tmp_path / "one"))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2
+
+
+def test_collective_errors_names_a_lost_peer_but_keeps_other_errors():
+    ctx = distributed.DistContext(rank=0, world_size=2)
+    lost = "[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"
+    failure = pytest.raises(distributed.RankFailure, match=r"rank 0 of 2: step 3 failed.*--resume")
+    with failure, distributed.collective_errors(ctx, "step 3"):
+        raise RuntimeError(lost)
+    oom = pytest.raises(RuntimeError, match="out of memory")
+    with oom as info, distributed.collective_errors(ctx, "step 3"):
+        raise RuntimeError("CUDA out of memory")
+    assert not isinstance(info.value, distributed.RankFailure)

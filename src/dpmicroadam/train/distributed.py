@@ -246,12 +246,24 @@ def collective_errors(ctx: DistContext, what: str) -> Iterator[None]:
     except (RankFailure, ReplicaDivergence):
         raise
     except (RuntimeError, dist.DistError) as err:
+        if not _is_collective_error(err):
+            raise  # e.g. out of memory: the rank's own error, not a lost peer
         raise RankFailure(
             f"rank {ctx.rank} of {ctx.world_size}: {what} failed ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). Another rank has probably died or "
             "hung; the run is stopped. Only rank 0 writes checkpoints and it writes them "
             "atomically, so the last checkpoint is intact: fix the cause and rerun with --resume."
         ) from err
+
+
+_COLLECTIVE_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
+
+
+def _is_collective_error(err: BaseException) -> bool:
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return any(marker in text for marker in _COLLECTIVE_MARKERS)
 
 
 def shutdown(ctx: DistContext) -> None:
