@@ -177,8 +177,14 @@ def test_detrended_score_removes_a_slow_drift_but_keeps_spikes():
     assert plain[5] > plain[0]
     with pytest.raises(ValueError, match="score must be"):
         white_box_scores(trace, "max")
-    # llr on detrended values in units of C/B: a spike of one unit scores above no spike
-    llr = white_box_scores(trace, "llr", unit=0.1, noise_multiplier=1.0, sample_rate=0.04)
+    # llr: Σ_t log(1 − q + q·exp((z_t − ½)/σ²)) with z_t in units of C/B
+    gen = torch.Generator().manual_seed(0)
+    noisy = 0.1 * torch.randn(400, m, generator=gen, dtype=torch.float64)
+    noisy[::10, :3] += 0.1  # canaries 0..2 drawn on 40 of 400 steps
+    llr = white_box_scores(noisy, "llr", unit=0.1, noise_multiplier=1.0, sample_rate=0.1)
+    z = noisy / 0.1
+    direct = torch.log(0.9 + 0.1 * torch.exp(z - 0.5)).sum(0)
+    assert torch.allclose(llr, direct)
     assert llr[:3].min() > llr[3:].max()
     # σ = 0: llr is undefined and falls back to the detrended sum
     assert torch.allclose(white_box_scores(trace, "llr"), detrended)

@@ -315,12 +315,13 @@ def white_box_scores(
         trace: ``(T, m)``: ``trace[t, i]`` = g̃_t[c_i], the released gradient at canary i's
             coordinate.
         score: ``"sum"``: ``Σ_t g̃_t[c_i]`` (the paper's score). ``"detrended"``: the same sum
-            after subtracting, at each step, the median of the coordinate over the
-            ``2·window + 1`` surrounding steps: the real data's gradient at a coordinate drifts
+            after subtracting, at each step, the median of the coordinate over the ``window``
+            steps before and after it: the real data's gradient at a coordinate drifts
             slowly and would otherwise swamp the canary's C/B on the few steps it is drawn.
-            ``"llr"``: on the detrended values z_t in units of the canary's contribution,
-            the log-likelihood ratio of "drawn with probability q" against "absent" under
-            Gaussian noise of std σ, summed over steps (Neyman–Pearson for one canary):
+            ``"llr"``: on the values z_t in units of the canary's contribution C/B, the
+            log-likelihood ratio of "drawn with probability q" against "absent" under
+            Gaussian noise of std σ, summed over steps (Neyman–Pearson for one canary; not
+            detrended: with σ > 0 the noise dwarfs the drift, and the median would add noise):
 
             .. math:: \sum_t \log\big(1 - q + q\, e^{(z_t - 1/2)/\sigma^2}\big)
 
@@ -336,21 +337,30 @@ def white_box_scores(
         raise ValueError(f"score must be one of {WHITE_BOX_SCORES}, got {score!r}")
     if score == "sum":
         return trace.sum(0)
+    if score == "llr" and noise_multiplier > 0:
+        z = trace / unit
+        var = noise_multiplier**2
+        if sample_rate >= 1:
+            return ((z - 0.5) / var).sum(0)
+        log_in = math.log(sample_rate) + (z - 0.5) / var
+        return torch.logaddexp(torch.full_like(z, math.log1p(-sample_rate)), log_in).sum(0)
     steps = trace.shape[0]
     w = min(window, (steps - 1) // 2)
-    if w >= 1:
+    if w < 1:
+        return trace.sum(0)
+    out = torch.empty(trace.shape[1], dtype=torch.float64)
+    for start in range(0, trace.shape[1], 256):  # bounded memory: (T, 256, 2w) at a time
+        part = trace[:, start : start + 256]
         # Reflect without repeating the edge step, so a canary drawn at the first or last step
         # is not its own median.
-        padded = torch.cat([trace[1 : w + 1].flip(0), trace, trace[-w - 1 : -1].flip(0)])
-        trace = trace - padded.unfold(0, 2 * w + 1, 1).median(dim=-1).values
-    if score == "detrended" or noise_multiplier == 0:
-        return trace.sum(0)
-    z = trace / unit
-    var = noise_multiplier**2
-    if sample_rate >= 1:
-        return ((z - 0.5) / var).sum(0)
-    log_in = math.log(sample_rate) + (z - 0.5) / var
-    return torch.logaddexp(torch.full_like(z, math.log1p(-sample_rate)), log_in).sum(0)
+        padded = torch.cat([part[1 : w + 1].flip(0), part, part[-w - 1 : -1].flip(0)])
+        windows = padded.unfold(0, 2 * w + 1, 1)  # (T, k, 2w+1), step t in the middle
+        # Median of the 2w neighbours (step t's own value, maybe a canary draw, left out): the
+        # mean of the two middle values, so a linear drift is removed exactly.
+        neighbours = torch.cat([windows[..., :w], windows[..., w + 1 :]], dim=-1)
+        middle = neighbours.sort(dim=-1).values[..., w - 1 : w + 1].mean(dim=-1)
+        out[start : start + 256] = (part - middle).sum(0)
+    return out
 
 
 class _BlackBoxTrainer(Trainer):
