@@ -333,3 +333,22 @@ def test_timm_missing_says_how_to_install(monkeypatch):
         timm_model("resnet18", 10)
     with pytest.raises(ValueError, match="needs a model"):
         timm_model(None, 10)
+
+
+def test_config_resolution_toml_and_defaults(data, tmp_path):
+    toml = tmp_path / "ft.toml"
+    toml.write_text(
+        f'[finetune]\nmodel-path = "{MODEL}"\ntrain-file = "{data[0]}"\ntrainable = "lora"\n'
+        "lora-r = 4\nnoise-multiplier = 1.5\nlr = 0.002\nclip-norm = 0.5\n"
+    )
+    cfg = resolve_finetune_config({"config": str(toml), "lr": 3e-3})
+    assert (cfg.trainable, cfg.lora_r, cfg.lr) == ("lora", 4, 3e-3)  # flags win over the file
+    assert cfg.noise_multiplier == 1.5 and cfg.epsilon is None and cfg.clip_norm == 0.5
+    assert "clip_norm" not in cfg.defaults_source
+    assert cfg.engine == "vmap" and cfg.batch_size == 32 and cfg.task == "text"
+    assert cfg.defaults_source["batch_size"] == "built-in fine-tuning default"
+    assert "lr" not in cfg.defaults_source and "noise_multiplier" not in cfg.defaults_source
+    with pytest.raises(ValueError, match="augmult"):
+        resolve_finetune_config({"model_path": MODEL, "train_file": str(data[0]), "augmult": 2})
+    with pytest.raises(ValueError, match="unknown config keys"):
+        resolve_finetune_config({"model_path": MODEL, "train_file": str(data[0]), "lora": 4})

@@ -114,7 +114,9 @@ def resolve_finetune_config(
     layered: dict[str, Any] = {}
     if given.get("config"):
         raw = load_toml(given["config"])
-        layered.update(raw.get("finetune", raw) if isinstance(raw.get("finetune"), dict) else raw)
+        if isinstance(raw.get("finetune"), dict):  # a [finetune] table, else top-level keys
+            raw = {k.replace("-", "_"): v for k, v in raw["finetune"].items()}
+        layered.update(raw)
     layered.update(given)
     ft = {k: layered.pop(k) for k in list(layered) if k in _FT_FIELDS}
     layered.pop("config", None)
@@ -124,6 +126,7 @@ def resolve_finetune_config(
             f"augmult={layered['augmult']!r}: text fine-tuning has no augmentations; use 1"
         )
     dataset = layered.get("dataset", "digits")
+    user_set = set(layered)
     for key, value in FINETUNE_DEFAULTS.items():
         layered.setdefault(key, value)
     # Validate the shared fields with `train`'s resolver; its dataset and model names are
@@ -138,7 +141,7 @@ def resolve_finetune_config(
     cfg = FinetuneConfig(**values, **ft)
     cfg.config = given.get("config")
     cfg.defaults_source = {
-        k: "built-in fine-tuning default" for k in FINETUNE_DEFAULTS if k not in given
+        k: "built-in fine-tuning default" for k in FINETUNE_DEFAULTS if k not in user_set
     }
     if text:
         cfg.dataset = f"text:{Path(cfg.train_file).name}"
