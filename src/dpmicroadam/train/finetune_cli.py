@@ -54,6 +54,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         conflict_handler="resolve",
     )
     p.set_defaults(_train_dests=_dests(train_parser))
+    for dest in _NOT_FOR_FINETUNE:  # hidden from --help; refused with a pointer when given
+        p.add_argument(f"--{dest}", dest=dest, default=None, help=argparse.SUPPRESS)
     for flag, typ, text in FINETUNE_FLAGS:
         dest = flag[2:].replace("-", "_")
         p.add_argument(flag, dest=_RENAMED.get(dest, dest), type=typ, default=None, help=text)
