@@ -148,11 +148,17 @@ def test_perfect_separation_reaches_the_bonferroni_corrected_best_bound():
     # Symmetric guesses: r = m would need k_pos = number included, which the auditor does not
     # know; the best error-free choice of the grid here is r = m/2.
     assert out.correct == out.guesses == 500
-    assert out.tested == 6
+    assert out.tested == 6 and out.score_index == 0
     assert out.epsilon_lower_bound == pytest.approx(
         max_epsilon_lower_bound(500, 1 - 0.05 / 6), abs=1e-5
     )
     assert out.epsilon_lower_bound < max_epsilon_lower_bound(500, 0.95)  # Bonferroni costs
+    # Two scoring rules, one useless: both are tried, the bound pays for 12 tests.
+    both = guess_and_bound(np.stack([rng.standard_normal(1000), scores]), truth)
+    assert (both.score_index, both.tested, both.correct) == (1, 12, 500)
+    assert both.epsilon_lower_bound == pytest.approx(
+        max_epsilon_lower_bound(500, 1 - 0.05 / 12), abs=1e-5
+    )
     # Scores unrelated to the truth: no evidence at all (most of the time; fixed seed here).
     noise = guess_and_bound(rng.standard_normal(1000), truth)
     assert noise.epsilon_lower_bound < 0.5
@@ -219,6 +225,7 @@ def test_white_box_audit_detects_a_mechanism_without_noise(tmp_path):
     assert r.epsilon_lower_bound > 3.5
     assert r.epsilon_lower_bound > r.accounted_epsilon + 1.5
     assert "VIOLATION" in r.line()
+    assert r.score == "detrended" and r.tests == 12  # auto: llr and detrended, 6 guess counts
     summary = json.loads((tmp_path / "broken" / "audit.json").read_text())
     assert summary["epsilon_lower_bound"] == pytest.approx(r.epsilon_lower_bound)
     for key in ("confidence", "accounted_epsilon", "canaries", "guesses", "correct", "mode"):

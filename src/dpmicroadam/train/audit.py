@@ -79,8 +79,9 @@ class AuditConfig:
             Bonferroni correction so the stated confidence holds for the reported bound.
         canary_norm: White-box: L2 norm of a canary's gradient before clipping (default 2·C, so
             clipping must bring it down to C).
-        score: White-box score: ``"llr"`` (default), ``"detrended"`` or ``"sum"``; see
-            :func:`white_box_scores`.
+        score: White-box score: ``"auto"`` (default: both ``"llr"``, the most powerful with
+            noise, and ``"detrended"``, the most powerful without, Bonferroni-corrected),
+            ``"llr"``, ``"detrended"`` or ``"sum"``; see :func:`white_box_scores`.
     """
 
     mode: str = "white-box"
@@ -88,7 +89,7 @@ class AuditConfig:
     confidence: float = 0.95
     guesses: int | None = None
     canary_norm: float | None = None
-    score: str = "llr"
+    score: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in AUDIT_MODES:
@@ -103,7 +104,7 @@ class AuditConfig:
             raise ValueError(
                 f"guesses={self.guesses!r} must be in [1, canaries={self.canaries}] (or None)"
             )
-        if self.score not in WHITE_BOX_SCORES:
+        if self.score not in (*WHITE_BOX_SCORES, "auto"):
             raise ValueError(f"score must be one of {WHITE_BOX_SCORES}, got {self.score!r}")
         if self.canary_norm is not None and not 0 < self.canary_norm < math.inf:
             raise ValueError(f"canary_norm must be finite and > 0, got {self.canary_norm!r}")
@@ -118,7 +119,8 @@ class GuessOutcome:
     guesses: int
     correct: int
     epsilon_lower_bound: float
-    tested: int  # number of (k_pos, k_neg) choices tried (Bonferroni factor)
+    tested: int  # number of (score, k_pos, k_neg) choices tried (Bonferroni factor)
+    score_index: int = 0  # which row of a 2-D ``scores`` gave the bound
 
 
 def guess_and_bound(
@@ -131,48 +133,56 @@ def guess_and_bound(
     """Guess "in" for the ``k_pos`` highest scores, "out" for the ``k_neg`` lowest; bound ε.
 
     Args:
-        scores: One score per canary (higher: more likely included).
-        included: The truth, booleans of the same length.
+        scores: One score per canary (higher: more likely included); or ``(k, m)``: k scoring
+            rules, all tried.
+        included: The truth, m booleans.
         confidence: Confidence of the returned bound (overall, after the Bonferroni correction
-            when several guess counts are tried).
+            when several scores or guess counts are tried).
         delta: δ of the hypotheses (the run's δ).
         guesses: Fixed number of guesses r; ``None`` tries a small grid (see :class:`AuditConfig`).
 
     Returns:
         The best :class:`GuessOutcome`.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    rows = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     truth = np.asarray(included, dtype=bool)
-    if scores.shape != truth.shape or scores.ndim != 1:
+    if rows.ndim != 2 or truth.ndim != 1 or rows.shape[1] != truth.size:
         raise ValueError(
-            f"scores {scores.shape} and included {truth.shape} must be 1-D of the same length"
+            f"scores {np.shape(scores)} must be (m,) or (k, m) for included of shape {truth.shape}"
         )
-    m = int(scores.size)
+    m = int(truth.size)
     if guesses is None:
         grid = sorted({max(1, round(m * f)) for f in (1 / 50, 1 / 20, 1 / 10, 1 / 5, 1 / 2, 1)})
     else:
         grid = [int(guesses)]
-    per_test = 1.0 - (1.0 - confidence) / len(grid)
-    order = np.argsort(-scores, kind="stable")  # highest first; ties by index, not by truth
-    ranked = truth[order]
+    tests = len(grid) * rows.shape[0]
+    per_test = 1.0 - (1.0 - confidence) / tests
     best: GuessOutcome | None = None
-    for r in grid:
-        k_pos = (r + 1) // 2
-        k_neg = r - k_pos
-        correct = int(ranked[:k_pos].sum()) + int((~ranked[m - k_neg :]).sum() if k_neg else 0)
-        eps = epsilon_lower_bound(m, r, correct, per_test, delta)
-        outcome = GuessOutcome(k_pos, k_neg, r, correct, eps, len(grid))
-        if best is None or eps > best.epsilon_lower_bound:
-            best = outcome
+    for index, row in enumerate(rows):
+        order = np.argsort(-row, kind="stable")  # highest first; ties by index, not by truth
+        ranked = truth[order]
+        for r in grid:
+            k_pos = (r + 1) // 2
+            k_neg = r - k_pos
+            correct = int(ranked[:k_pos].sum()) + int((~ranked[m - k_neg :]).sum())
+            eps = epsilon_lower_bound(m, r, correct, per_test, delta)
+            outcome = GuessOutcome(k_pos, k_neg, r, correct, eps, tests, index)
+            if best is None or eps > best.epsilon_lower_bound:
+                best = outcome
     assert best is not None
     return best
 
 
 @dataclass
 class AuditResult:
-    """Outcome of one audit; ``summary()`` is what goes to ``audit.json``."""
+    """Outcome of one audit; ``summary()`` is what goes to ``audit.json``.
+
+    ``tests`` is the number of (score, guess count) choices tried: the bound holds at
+    ``confidence`` after the Bonferroni correction for all of them.
+    """
 
     mode: str
+    score: str
     epsilon_lower_bound: float
     confidence: float
     accounted_epsilon: float
@@ -183,7 +193,7 @@ class AuditResult:
     correct: int
     k_pos: int
     k_neg: int
-    guess_counts_tried: int
+    tests: int
     noise_multiplier: float
     sample_rate: float
     steps: int
@@ -287,17 +297,21 @@ class _WhiteBoxTrainer(Trainer):
                 row[ids] = p.grad.detach().reshape(-1)[local].to("cpu", torch.float64)
         self._trace.append(row)
 
-    def canary_scores(self) -> tuple[np.ndarray, np.ndarray]:
+    def canary_scores(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         trace = torch.stack(self._trace) if self._trace else torch.zeros(1, self.included.numel())
         mech = self.mechanism
-        scores = white_box_scores(
-            trace,
-            self.score,
-            unit=mech.config.clip_norm / mech.config.expected_batch_size,
-            noise_multiplier=mech.noise_multiplier,
-            sample_rate=mech.sample_rate,
-        )
-        return scores.numpy(), self.included.numpy().copy()
+        names = ("llr", "detrended") if self.score == "auto" else (self.score,)
+        scores = {
+            name: white_box_scores(
+                trace,
+                name,
+                unit=mech.config.clip_norm / mech.config.expected_batch_size,
+                noise_multiplier=mech.noise_multiplier,
+                sample_rate=mech.sample_rate,
+            ).numpy()
+            for name in names
+        }
+        return scores, self.included.numpy().copy()
 
 
 def white_box_scores(
@@ -387,7 +401,7 @@ class _BlackBoxTrainer(Trainer):
         return (x_tr, y_tr, x_val, y_val, x_test, y_test), model
 
     @torch.no_grad()
-    def canary_scores(self) -> tuple[np.ndarray, np.ndarray]:
+    def canary_scores(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         import contextlib
 
         self.model.eval()
@@ -398,7 +412,7 @@ class _BlackBoxTrainer(Trainer):
                 xb = self.canary_x[start : start + 1024].to(self.device)
                 yb = self.canary_y[start : start + 1024].to(self.device)
                 losses.append(cross_entropy_per_row(self.model(xb), yb).double().cpu())
-        return (-torch.cat(losses)).numpy(), self.included.numpy().copy()
+        return {"neg-loss": (-torch.cat(losses)).numpy()}, self.included.numpy().copy()
 
 
 class Auditor:
@@ -429,13 +443,17 @@ class Auditor:
         while trainer.step < trainer.total_steps:
             trainer._train_step()
         test_accuracy, _ = trainer.evaluate(trainer.x_test, trainer.y_test)
-        scores, truth = trainer.canary_scores()
+        by_name, truth = trainer.canary_scores()
+        names = list(by_name)
         mech = self.trainer.mechanism
         delta = float(mech.config.target_delta)
         a = self.audit
-        outcome = guess_and_bound(scores, truth, a.confidence, delta, a.guesses)
+        matrix = np.stack([by_name[n] for n in names])
+        outcome = guess_and_bound(matrix, truth, a.confidence, delta, a.guesses)
+        scores = matrix[outcome.score_index]
         result = AuditResult(
             mode=a.mode,
+            score=names[outcome.score_index],
             epsilon_lower_bound=outcome.epsilon_lower_bound,
             confidence=a.confidence,
             accounted_epsilon=mech.epsilon(),
@@ -446,7 +464,7 @@ class Auditor:
             correct=outcome.correct,
             k_pos=outcome.k_pos,
             k_neg=outcome.k_neg,
-            guess_counts_tried=outcome.tested,
+            tests=outcome.tested,
             noise_multiplier=mech.noise_multiplier,
             sample_rate=mech.sample_rate,
             steps=self.trainer.step,
@@ -460,7 +478,11 @@ class Auditor:
         )
         out = Path(self.trainer.out)
         (out / "audit.json").write_text(json.dumps(result.summary(), indent=2))
-        np.savez(out / "audit_scores.npz", scores=scores, included=truth)
+        np.savez(
+            out / "audit_scores.npz",
+            included=truth,
+            **{n.replace("-", "_"): by_name[n] for n in names},
+        )
         plot_scores(result, out / "audit_scores.png")
         return result
 
@@ -495,9 +517,7 @@ def plot_scores(result: AuditResult, path: str | Path) -> Path:
         ax.axvline(ranked[result.k_pos - 1], color="k", ls="--", lw=0.8)
     if result.k_neg:
         ax.axvline(ranked[len(ranked) - result.k_neg], color="k", ls=":", lw=0.8)
-    ax.set_xlabel(
-        "canary score" + (" (Σ released gradient)" if result.mode == "white-box" else " (−loss)")
-    )
+    ax.set_xlabel(f"canary score ({result.score})")
     ax.set_ylabel("canaries")
     ax.set_title(
         f"{result.mode}: ε ≥ {result.epsilon_lower_bound:.2f} "

@@ -14,7 +14,11 @@ AUDIT_FLAGS: list[tuple[str, Any, str]] = [
     ("--confidence", float, "confidence of the ε lower bound (default 0.95)"),
     ("--guesses", int, "number of guesses r (default: best of a small grid, Bonferroni-corrected)"),
     ("--canary-norm", float, "white-box: canary gradient norm before clipping (default 2·C)"),
-    ("--score", str, "white-box score: llr (default), detrended or sum"),
+    (
+        "--score",
+        str,
+        "white-box score: auto (default: best of llr and detrended), llr, detrended or sum",
+    ),
 ]
 
 
