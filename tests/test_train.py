@@ -134,10 +134,11 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 def test_diverging_run_stops_and_keeps_last_checkpoint(tmp_path):
-    cfg = run_cfg(tmp_path, "d", optimizer="sgd", lr=1e6, checkpoint_every=1, steps=40)
+    cfg = run_cfg(tmp_path, "d", optimizer="sgd", lr=1e38, checkpoint_every=1, steps=40)
     with pytest.raises(TrainingDiverged, match="checkpoint"):
         train(cfg)
     state = load_checkpoint(tmp_path / "d" / "checkpoint.pt")
+    assert 1 <= state["step"] < 40
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 

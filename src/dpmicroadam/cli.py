@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -89,6 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.json:
         cfg.progress = False
     summary = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports
+        return 0
     if cfg.json:
         print(json.dumps(summary))
     else:

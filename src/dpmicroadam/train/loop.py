@@ -217,6 +217,11 @@ class Trainer:
         return list(distributed.state_tensors(self.model.state_dict(), self.optimizer.state_dict()))
 
     def _save(self, wall: float) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            raise TrainingDiverged(
+                f"step {self.step}: a parameter is NaN or infinite (diverged); lower --lr. The "
+                f"last good checkpoint in {str(self.out / CHECKPOINT)!r} is kept."
+            )
         # Collective: every rank checks the replicas agree, then only rank 0 writes (atomically).
         distributed.check_replicas_agree(
             self.dist,
@@ -276,8 +281,14 @@ class Trainer:
                 rows = x.flatten(0, 1) if self.cfg.augmult > 1 else x
                 targets = y.repeat_interleave(self.cfg.augmult)
                 loss = cross_entropy_per_row(self.model(rows), targets).mean()
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"step {self.step + 1}: the training loss is {loss.item()} (diverged); "
+                        f"lower --lr. The last good checkpoint in "
+                        f"{str(self.out / CHECKPOINT)!r} is kept."
+                    )
                 loss.backward()
-                stats["train_loss"] = float(loss)
+                stats["train_loss"] = loss.item()
         if self.cfg.log_train_loss and self.mechanism is not None and y.numel():
             with torch.no_grad():
                 rows = x.flatten(0, 1) if self.cfg.augmult > 1 else x
