@@ -16,9 +16,9 @@ Two settings:
   canary). When it is included *and* drawn by its own Poisson sampler at the run's rate q, its
   gradient is clipped by the library's flat clipping and added to the mechanism's
   :class:`~dpmicroadam.privacy.PrivateGradient` sum before the real batch, so the same release adds
-  the same noise. The auditor sees every released gradient; the score of canary i is
-  ``Σ_t g̃_t[c_i]``. This is the strongest (tightest) setting: it checks the release, the noise and
-  the sampling rate, independently of the model.
+  the same noise. The auditor sees every released gradient; canary i is scored from the series
+  g̃_t[c_i] (:func:`white_box_scores`). This is the strongest (tightest) setting: it checks the
+  clipping, the release, the noise and the sampling rate, independently of the model.
 - ``"black-box"``: *input-space canaries*. Random inputs (per-feature mean and std of the training
   data) with random labels are appended to the training set when included. Only the final model
   is seen; the score is the negative loss of the canary. Bounds are far below the accounted ε:
@@ -291,10 +291,10 @@ class _WhiteBoxTrainer(Trainer):
 
     def _observe(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # Runs before optimizer.step(): p.grad holds exactly the released gradient.
-        row = torch.zeros(self.included.numel(), dtype=torch.float64)
+        row = torch.zeros(self.included.numel(), dtype=torch.float32)  # T·m floats kept
         for p, (ids, local) in zip(self.mechanism.params, self._by_param):
             if ids.numel():
-                row[ids] = p.grad.detach().reshape(-1)[local].to("cpu", torch.float64)
+                row[ids] = p.grad.detach().reshape(-1)[local].to("cpu", torch.float32)
         self._trace.append(row)
 
     def canary_scores(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
