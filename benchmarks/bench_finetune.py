@@ -6,7 +6,7 @@ prints one JSON line: commit, torch version, device, configuration, trained para
 optimizer state bytes (total and per trained parameter), median step ms and peak memory.
 
 A "step" is one logical batch: Poisson sample, per-example gradients (vmap), clipping, noise,
-optimizer step. Peak memory is the process's max RSS on CPU (model, data and the b × params
+optimizer step; ``median_optimizer_step_ms`` is the optimizer's ``step()`` alone. Peak memory is the process's max RSS on CPU (model, data and the b × params
 per-example gradients included: compare ``peak_mb - loaded_mb`` between rows) or
 ``torch.cuda.max_memory_allocated`` on GPU. Compare rows as ratios within one run.
 
@@ -103,18 +103,22 @@ def run_one(args: argparse.Namespace) -> dict:
         opt = MicroAdam(params, lr=1e-3)
     else:
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    times = []
+    times, opt_times = [], []
     for i in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         idx = mech.sample()
         mech.privatize(x[idx], y[idx])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            opt_times.append(time.perf_counter() - t1)
     trained, total = trainable_count(model)
     sb = state_bytes(opt)
     row = {
@@ -132,6 +136,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "max_length": args.max_length,
         "steps_timed": len(times),
         "median_step_ms": round(1000 * statistics.median(times), 1),
+        "median_optimizer_step_ms": round(1000 * statistics.median(opt_times), 2),
         "state_bytes": sb,
         "state_bytes_per_trained_param": round(sb / trained, 4),
         "loaded_mb": round(loaded_mb, 1),
