@@ -118,3 +118,34 @@ def check_graph(
                 "engine='vmap', or untie the parameter"
             )
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+
+
+def source_records(records: list[tuple[str, Record]]) -> list[bool]:
+    """For each record, whether no other record's output lies upstream of its inputs.
+
+    In the backward pass, the output node of every other record lies on a path to the outputs of
+    these "source" records, so asking autograd only for the sources' output gradients still runs
+    every recorded node, whose pre-hooks then see their output gradients as they go by and can
+    be processed (and freed) at once instead of all being held until the end.
+    """
+    cut_nodes = {edge.node for _, r in records for edge in r.edges}
+    memo: dict = {}
+
+    def reaches_cut(start) -> bool:
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in memo and not expanded:
+                continue
+            if node in cut_nodes:
+                memo[node] = True
+                continue
+            children = [fn for fn, _ in node.next_functions if fn is not None]
+            if not expanded:
+                stack.append((node, True))
+                stack.extend((fn, False) for fn in children if fn not in memo)
+            else:
+                memo[node] = any(memo.get(fn, False) for fn in children)
+        return memo[start]
+
+    return [not any(reaches_cut(node) for node in _input_nodes(r)) for _, r in records]

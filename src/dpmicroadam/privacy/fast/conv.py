@@ -176,14 +176,17 @@ def channel_stats(
             stats["total"].append((o * a.sum(-1, keepdim=True)).sum(2).reshape(n, out_ch))
             continue
         g = sum(call.per_example(x[rows], e[rows], n, k) for x, e in zip(xs, es))
-        stats["sq"].append(g.square().sum(-1))
+        stats["sq"].append(torch.linalg.vector_norm(g, dim=-1).square())
         stats["total"].append(g.sum(-1))
         if direction is not None:
-            stats.setdefault("dot", []).append((g * direction).sum(-1))
-        if keep:
+            stats.setdefault("dot", []).append(torch.einsum("npd,pd->np", g, direction))
+        if keep and n == b:
+            kept = g
+        elif keep:
             if kept is None:
                 kept = g.new_empty((b, out_ch, d_in))
             kept[sl] = g
+        del g
     result = {name: _cat(parts, 0) for name, parts in stats.items()}
     if kept is not None:
         result["kept"] = kept

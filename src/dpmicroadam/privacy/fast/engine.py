@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .capture import check_graph, check_unchanged
+from .capture import check_graph, check_unchanged, source_records
+from .fallback import FallbackOwner
 from .plan import build_owners
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,6 +82,7 @@ class FastEngine:
         handles = []
         try:
             for owner in self._owners:
+                owner.views = k
                 handles += owner.install()
             with torch.enable_grad():
                 outputs = self.model(flat)
@@ -103,35 +105,83 @@ class FastEngine:
         pairs = [(o.name, r) for o in self._owners for r in o.records]
         if loss.requires_grad:
             check_graph(loss, pairs, self.params, self._names)
-        edges = [edge for _, r in pairs for edge in r.edges]
-        grads = torch.autograd.grad(loss, edges, allow_unused=True) if edges else []
+        sq = {}  # owner index -> per-example squared norms
+
+        def process(index: int) -> None:
+            owner = self._owners[index]
+            for r in owner.records:
+                check_unchanged(r, owner.name)
+            sq[index] = owner.sq_norms(b, k)
+            # Rules keep only what their sums need: drop the stored inputs and output gradients
+            # now (other lists still point at these records until the backward pass ends).
+            for r in owner.records:
+                r.args, r.kwargs, r.grads, r.versions, r.extra = (), {}, [], [], None
+            owner.records = []
+
+        # Output gradients of non-source records arrive in node pre-hooks during the backward
+        # pass; an owner is processed as soon as all its records have them (so its stored
+        # inputs can be freed before the next layer's gradient is even computed).
+        flat = [(i, r) for i, o in enumerate(self._owners) for r in o.records]
+        waiting = [len(o.records) for o in self._owners]
+        sources = source_records(pairs) if pairs else []
+        requested, handles = [], []
+        for (index, r), source in zip(flat, sources):
+            r.grads = [None] * len(r.edges)
+            if source or len(r.edges) != 1 or isinstance(self._owners[index], FallbackOwner):
+                requested.append((index, r))
+                continue
+            handles.append(r.edges[0].node.register_prehook(self._hook(index, r, waiting, process)))
+        try:
+            edges = [edge for _, r in requested for edge in r.edges]
+            grads = torch.autograd.grad(loss, edges, allow_unused=True) if edges else []
+        finally:
+            for handle in handles:
+                handle.remove()
         it = iter(grads)
-        for name, r in pairs:
-            check_unchanged(r, name)
-            r.grads = [
-                torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-                for g, (shape, dtype, device) in zip((next(it) for _ in r.edges), r.leaf_meta)
-            ]
+        for _, r in requested:
+            r.grads = [next(it) for _ in r.edges]
+        del grads, it, requested, flat, pairs
+        for index, owner in enumerate(self._owners):
+            if owner.records and index not in sq:
+                for r in owner.records:
+                    r.grads = [
+                        torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                        for g, (shape, dtype, device) in zip(r.grads, r.leaf_meta)
+                    ]
+                process(index)
         dtype = self.params[0].dtype if self.params else loss.dtype
-        sq = torch.zeros(b, dtype=dtype, device=loss.device)
-        active = [(o, s) for o, s in zip(self._owners, self._slots) if o.records]
-        del grads, it, pairs, edges
-        for owner, _ in active:
-            sq = sq + owner.sq_norms(b, k).to(dtype)
-            owner.records = []  # rules keep only what their sums need; free the rest early
-        norms = sq.sqrt()
+        total = torch.zeros(b, dtype=dtype, device=loss.device)
+        for value in sq.values():
+            total = total + value.to(dtype)
+        norms = total.sqrt()
         if math.isinf(clip_norm):
             factors = torch.ones_like(norms)
         else:
             factors = torch.where(norms > clip_norm, clip_norm / norms, torch.ones_like(norms))
         sums: list[torch.Tensor | None] = [None] * len(self.params)
-        for owner, slots in active:
-            for j, total in zip(slots, owner.sums(factors)):
-                sums[j] = total.detach().reshape(self.params[j].shape)
+        for index in sq:
+            for j, value in zip(self._slots[index], self._owners[index].sums(factors)):
+                sums[j] = value.detach().reshape(self.params[j].shape)
         for j, p in enumerate(self.params):
             if sums[j] is None:
                 sums[j] = torch.zeros_like(p)
         return sums, norms.detach()
+
+    @staticmethod
+    def _hook(index, record, waiting, process):
+        edge = record.edges[0]
+
+        def hook(grad_outputs):
+            g = grad_outputs[edge.output_nr]
+            if g is None:
+                shape, dtype, device = record.leaf_meta[0]
+                g = torch.zeros(shape, dtype=dtype, device=device)
+            record.grads = [g]
+            waiting[index] -= 1
+            if waiting[index] == 0:
+                process(index)
+
+        return hook
 
 
 def _flatten(inputs, targets, clip_norm, augmult):

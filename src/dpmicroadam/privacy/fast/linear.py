@@ -71,8 +71,10 @@ def matmul_sq_norms(
             part = ((a @ a.mT) * (e @ e.mT)).sum((1, 2, 3))
         else:
             g = e.mT @ a
-            part = g.square().sum((1, 2, 3))
-            if keep:
+            part = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+            if keep and sl.stop - sl.start == b:
+                kept = g
+            elif keep:
                 if kept is None:
                     kept = g.new_empty((b, groups, d_out, d_in))
                 kept[sl] = g

@@ -8,13 +8,14 @@ from torch import nn
 from .capture import Record, make_record
 
 # Upper bound on the elements of one transient per-example tensor (a chunk of instantiated
-# gradients, Gram matrices or unfolded inputs): 2**24 float32 entries = 64 MiB.
-CHUNK_ELEMENTS = 2**24
+# gradients, Gram matrices or unfolded inputs): 2**22 float32 entries = 16 MiB. Small, because
+# layers are processed during the backward pass, when the activations are still in memory.
+CHUNK_ELEMENTS = 2**22
 
 # An instantiated layer keeps its per-example gradients (making its clipped sum a cheap weighted
-# sum, and freeing its stored input and output gradient) when they hold at most this many times
-# the entries of that input and output gradient.
-KEEP_RATIO = 2.5
+# sum) instead of its input and output gradient (needed for the matmul sum) when they hold at
+# most this many times as many entries: 1.0 keeps whichever is smaller, minimising memory.
+KEEP_RATIO = 1.0
 
 
 def chunks(b: int, per_example: int):
@@ -43,6 +44,7 @@ class Owner:
         self.module = module
         self.params = params
         self.records: list[Record] = []
+        self.views = 1  # K of the current call, set by the engine before the forward pass
 
     def install(self) -> list:
         """Registers the forward hook(s); returns the handles to remove."""

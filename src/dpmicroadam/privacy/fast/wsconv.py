@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from .capture import make_record
 from .conv import ConvCall, ConvOwner, channel_stats, keep_grads, scaled_weight_grad
 from .fallback import FallbackOwner
+from .linear import use_ghost
 from .owner import chunks, weighted_sum
 
 _CONV_FUNCS = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
@@ -122,7 +123,11 @@ class ReparamConvOwner(ConvOwner):
                 dims, c_args, c_kwargs, out = mode.calls[0]
                 x, call = ConvCall.from_args(dims, c_args, c_kwargs)
                 if out is output and x is (args[0] if args else kwargs.get("input")):
-                    captured = (call, out, out._version)
+                    # The output is only needed by the ghost norm; holding it otherwise would
+                    # keep alive a tensor autograd itself does not save.
+                    ghost = use_ghost(self.views * out[0, 0].numel(), call.fan_in,
+                                      out.shape[1] // call.groups)  # fmt: skip
+                    captured = (call, out if ghost else None, out._version)
             self.records.append(make_record(args, kwargs, output, extra=captured))
 
         return [
@@ -188,7 +193,8 @@ class ReparamConvOwner(ConvOwner):
         """z_{i,o} = Σ_t e_{i,t,o} (u_o/s_o)·a_{i,t}, from the layer's output when possible."""
         gain = self.module.gain.detach().reshape(-1)
         shape = (1, -1) + (1,) * call.dims
-        if output._version == version and bool((gain.abs() > 1e-3 * gain.abs().max()).all()):
+        usable = output is not None and output._version == version
+        if usable and bool((gain.abs() > 1e-3 * gain.abs().max()).all()):
             y = output.detach()
             if call.bias is not None:
                 y = y - call.bias.detach().reshape(shape)
