@@ -319,3 +319,28 @@ def test_other_reparametrized_convs():
     )
     model(torch.randn(1, 3, 5, 5))
     check(model, torch.randn(3, 3, 5, 5), labels(3))
+
+
+class Reuse(nn.Module):
+    """One Linear called twice, a conv whose output is changed in place, an unused branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.shared = nn.Linear(18, 18)
+        self.unused = nn.Linear(18, 2)
+        self.head = nn.Linear(18, 3)
+
+    def forward(self, x):
+        h = torch.relu_(self.conv(x)).flatten(1)
+        self.unused(h)
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
+
+
+def test_reused_module_inplace_output_and_unused_branch():
+    torch.manual_seed(13)
+    engine = check(Reuse(), torch.randn(4, 2, 6), labels(4))
+    model = engine.model
+    sums, _ = engine.clipped_sum(torch.randn(4, 2, 6, dtype=torch.float64), labels(4), 1.0)
+    unused = [s for s, p in zip(sums, engine.params) if p is model.unused.weight][0]
+    assert unused.abs().max() == 0
