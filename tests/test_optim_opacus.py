@@ -27,6 +27,7 @@ def _mean_loss(model, loader) -> float:
         )
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook")
 @pytest.mark.parametrize(
     "make_opt",
     [

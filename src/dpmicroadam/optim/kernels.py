@@ -3,7 +3,7 @@
 Both functions implement SPEC section 1 on the same state layout, so a run may switch between
 them. ``loop_step`` is written to be read next to the SPEC (one block, one bucket, one window
 slot at a time); ``fast_step`` vectorizes blocks and buckets, accumulates the window moments with
-one ``index_add_`` each and updates only the coordinates present in the window. Tests hold the
+one scatter-add each and updates only the coordinates present in the window. Tests hold the
 fast path to the loop and both to :mod:`dpmicroadam.optim.reference`.
 
 State of one parameter (tensors only):
@@ -98,6 +98,7 @@ def check_state(
     shape = (hp.window_size, layout.k_total)
     ok = tuple(state["indices"].shape) == shape and tuple(state["values"].shape) == shape
     ok = ok and state["values"].dtype == hp.value_dtype
+    ok = ok and state["indices"].dtype == layout.index_dtype
     if hp.ef_bits is None:
         ok = ok and "ef" in state and state["ef"].numel() == p.numel()
     else:
