@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -22,10 +23,38 @@ AUDIT_FLAGS: list[tuple[str, Any, str]] = [
 ]
 
 
+# TrainConfig fields that an audit does not take as flags.
+_SKIPPED = {"defaults_source", "resume", "eval_every", "checkpoint_every", "progress"}
+
+
+def _train_fields() -> list[tuple[str, Any]]:
+    """(field, argparse type or "switch") for every TrainConfig field an audit accepts.
+
+    Built from the dataclass (this module may not import ``dpmicroadam.cli``), so a new training
+    setting is an audit flag too.
+    """
+    from dpmicroadam.train.config import TrainConfig
+
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _SKIPPED:
+            continue
+        kind = str(f.type)
+        if kind.startswith("bool"):
+            out.append((f.name, "switch"))
+        elif "str" in kind:
+            out.append((f.name, str))
+        elif "float" in kind:
+            out.append((f.name, float))
+        elif "int" in kind:
+            out.append((f.name, int))
+        else:
+            out.append((f.name, str))
+    return out
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register `dpmicroadam audit` (the training flags of `train`, plus the audit's own)."""
-    from dpmicroadam.cli import _add_train_flags
-
     p = sub.add_parser(
         "audit",
         help="measure a lower bound on ε from one training run with canaries (arXiv 2305.08846)",
@@ -37,7 +66,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
             "audit_scores.npz and audit_scores.png to --out."
         ),
     )
-    _add_train_flags(p)
+    for name, typ in _train_fields():
+        flag = "--" + name.replace("_", "-")
+        if typ == "switch":
+            p.add_argument(flag, action="store_true", default=None, help="as for `train`")
+        else:
+            p.add_argument(flag, type=typ, default=None, help="as for `train`")
+    p.add_argument("--no-progress", action="store_true", default=None, help="hide the progress bar")
     for flag, typ, text in AUDIT_FLAGS:
         p.add_argument(flag, type=typ, default=None, help=text)
     p.set_defaults(func=cmd_audit)
@@ -45,7 +80,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from dpmicroadam.cli import _train_overrides
     from dpmicroadam.train.audit import AuditConfig, run_audit
     from dpmicroadam.train.config import resolve_config
 
@@ -53,7 +87,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     audit = AuditConfig(
         **{k: getattr(args, k) for k in audit_keys if getattr(args, k, None) is not None}
     )
-    cfg = resolve_config(_train_overrides(args))
+    given = {
+        name: getattr(args, name)
+        for name, _ in _train_fields()
+        if getattr(args, name, None) is not None
+    }
+    if args.no_progress:
+        given["progress"] = False
+    cfg = resolve_config(given)
     if cfg.json:
         cfg.progress = False
     result = run_audit(cfg, audit)
