@@ -344,3 +344,9 @@ def test_reused_module_inplace_output_and_unused_branch():
     sums, _ = engine.clipped_sum(torch.randn(4, 2, 6, dtype=torch.float64), labels(4), 1.0)
     unused = [s for s, p in zip(sums, engine.params) if p is model.unused.weight][0]
     assert unused.abs().max() == 0
+
+
+def test_wide_conv_instantiated_one_example_at_a_time():
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Conv2d(128, 2, 3, padding=1), nn.Tanh(), Flatten(), nn.Linear(18, 3))
+    check(model, torch.randn(3, 2, 128, 3, 3), labels(3), augmult=2)
