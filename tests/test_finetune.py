@@ -120,6 +120,9 @@ def test_per_example_grads_through_minilm_equal_a_loop(tokenizer, mode):
         loss_rows(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
         for g, p in zip(per_example, engine.params):
             torch.testing.assert_close(g[i], p.grad, atol=2e-6, rtol=1e-4)
+    if mode == "bias":  # token_type_ids left out: the model's (1, 512) buffer is broadcast
+        for a, b in zip(engine.per_example_grads(x[:, :2], y), per_example):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     # Zero up to rounding: a key bias shifts every score of a query equally (softmax ignores it), and
     # LoRA's A gets no gradient while B is still at its zero initialization.
     for name, g in zip(engine.names, per_example):
