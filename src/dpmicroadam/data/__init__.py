@@ -12,8 +12,11 @@ from dpmicroadam.data.datasets import (
 from dpmicroadam.data.download import download_file, verify_file
 from dpmicroadam.data.image_dataset import ImageDataset
 from dpmicroadam.data.sampler import PoissonSampler
+from dpmicroadam.data.text import encode_texts, load_text_table
 
 __all__ = [
+    "encode_texts",
+    "load_text_table",
     "DATASET_NAMES",
     "DIGITS_SPLIT_SEED",
     "NORMALIZATION",
