@@ -91,7 +91,7 @@ class Transformer(nn.Module):
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
 
     def forward(self, x):
-        pos = torch.arange(x.shape[1], device=x.device).expand_as(x)
+        pos = torch.arange(x.shape[1], device=x.device).expand_as(x).contiguous()
         h = self.tokens(x) + self.positions(pos)
         for layer in self.layers:
             h = layer(h)
@@ -223,8 +223,9 @@ def time_model(name: str, engines: list[str], batch: int, rounds: int) -> dict[s
     steps = {}
     for engine in engines:
         try:
-            steps[engine] = make_step(engine, copy.deepcopy(model), x, y)
-            steps[engine]()  # warm-up
+            step = make_step(engine, copy.deepcopy(model), x, y)
+            step()  # warm-up
+            steps[engine] = step
         except Exception as err:  # an engine that cannot run this model is reported, not fatal
             print(
                 json.dumps({"model": name, "engine": engine, "error": repr(err)[:300]}), flush=True

@@ -45,14 +45,14 @@ class Record:
 
 def make_record(args: tuple, kwargs: dict, output: Any, extra: Any = None) -> Record:
     """Builds a :class:`Record` from a module call's inputs and output."""
-    leaves, _ = tree_flatten(output)
+    leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
     index, edges, like = [], [], []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
             index.append(i)
             edges.append(get_gradient_edge(leaf))
             like.append((leaf.shape, leaf.dtype, leaf.device))
-    in_leaves, _ = tree_flatten((args, kwargs))
+    in_leaves = list(args) if not kwargs else tree_flatten((args, kwargs))[0]
     versions = [(t, t._version) for t in in_leaves if isinstance(t, torch.Tensor)]
     return Record(tuple(args), dict(kwargs), index, edges, like, versions, extra)
 
