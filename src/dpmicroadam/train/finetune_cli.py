@@ -121,18 +121,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict[str, Any]) -> None:
-    acc = s.get("test_accuracy")
-    line = f"test accuracy {acc:.4f}" if acc is not None else "test accuracy n/a"
-    if s.get("private"):
-        line += (
-            f" | ε = {s['epsilon']:.3f} (δ = {s['delta']:g}, {s['accountant'].upper()}, "
-            f"σ = {s['noise_multiplier']:.4f}, q = {s['sample_rate']:.4g}, T = {s['steps']})"
-        )
-    else:
-        line += " | not private"
-    print(f"{s['optimizer']} · {s['model']} ({s['trainable']}) · {s['dataset']}: {line}")
-    print(
-        f"trains {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters · "
-        f"optimizer state {s['optimizer_state_bytes_per_param']:.3f} bytes/param · "
-        f"{s['wall_seconds']:.1f} s · results in {s['out']}"
-    )
+    from dpmicroadam.train.summary import summary_lines
+
+    print("\n".join(summary_lines(s)))
