@@ -302,13 +302,9 @@ class DPMechanism:
         return {"batch_size": stats.realized_batch_size, "clipped_fraction": clipped / max(n, 1)}
 
     def _reduce_across_ranks(self) -> None:
-        """Hook for data-parallel training: all-reduce the clipped sums before the noise."""
-        if self.process_group is None:
-            return
-        reduce = getattr(self.gradient, "all_reduce", None)
-        if reduce is None:  # pragma: no cover - guarded by the distributed module
-            raise RuntimeError("this PrivateGradient cannot all-reduce")
-        reduce(self.process_group)
+        """Data-parallel training: all-reduce the clipped sums (and counts) before the noise."""
+        if self.process_group is not None:
+            self.gradient.all_reduce(self.process_group)
 
     def _any_rank(self, flag: bool) -> bool:
         if self.process_group is None:
