@@ -168,6 +168,12 @@ def _plots(records: list[dict[str, Any]], results_dir: Path, name: str) -> list[
                 xs = sorted(pts)
                 ax.plot(xs, [max(pts[x]) for x in xs], marker="o", label=opt)
                 continue
+            # Several settings at one x (e.g. two lrs per density): show the best on validation.
+            best_at: dict[str, dict[str, Any]] = {}
+            for r in rs:
+                if r[xkey] not in best_at or r["val"][0] > best_at[r[xkey]]["val"][0]:
+                    best_at[r[xkey]] = r
+            rs = list(best_at.values())
             if xkey == "lr_schedule":
                 xs = [r[xkey] for r in rs]
             else:
