@@ -41,7 +41,7 @@ class TrainConfig:
     epochs: float | None = None
     steps: int | None = None
     batch_size: float | None = None
-    physical_batch_size: int = 256
+    physical_batch_size: int | None = None
     clip_norm: float | None = None
     lr: float | None = None
     lr_schedule: str = "constant"
@@ -95,6 +95,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "window_size": 10,
     "density": 0.01,
     "batch_size": 256,
+    "physical_batch_size": 256,
     "epochs": 10,
 }
 DEFAULT_MODEL = {"digits": "mlp", "fashion-mnist": "cnn", "mnist": "cnn", "cifar10": "wrn16-4"}

@@ -21,6 +21,24 @@ TUNED: dict[tuple[str, str], tuple[dict[str, Any], str]] = {
     ("digits", "sgd"): ({**_DIGITS, "lr": 0.1, "momentum": 0.9}, _DIGITS_SRC + "; dp-sgd's lr"),
 }
 
+# Fashion-MNIST, tanh CNN, ε = 3, 10 epochs, C = 0.1: the `tune` and `density` blocks of
+# studies/fashion-mnist.toml (rows in results/fashion-mnist.csv, discussion in docs/results.md).
+_FMNIST = {"batch_size": 2048, "epochs": 10, "clip_norm": 0.1, "physical_batch_size": 1024}
+_FMNIST_SRC = "validation search at ε=3 on fashion-mnist (results/fashion-mnist.csv)"
+TUNED.update(
+    {
+        ("fashion-mnist", "dp-sgd"): ({**_FMNIST, "lr": 8.0, "momentum": 0.9}, _FMNIST_SRC),
+        ("fashion-mnist", "dp-adam"): ({**_FMNIST, "lr": 1e-2}, _FMNIST_SRC),
+        ("fashion-mnist", "dp-adambc"): ({**_FMNIST, "lr": 1e-2}, _FMNIST_SRC),
+        # The best validation accuracy was dense (density 1): on this 26 k-parameter CNN, sparse
+        # updates lose 8+ points at 10 epochs. Pass --density 0.01 for < 1 byte/param of state.
+        ("fashion-mnist", "dp-microadam"): (
+            {**_FMNIST, "lr": 3e-3, "density": 1.0},
+            _FMNIST_SRC + "; density 1 was best (see docs/results.md)",
+        ),
+    }
+)
+
 
 def tuned_defaults(dataset: str, optimizer: str) -> tuple[dict[str, Any], str]:
     """Settings found best on the validation split for this dataset and optimizer, and their source."""
