@@ -121,6 +121,57 @@ def _pm(ms: tuple[float, float]) -> str:
     return f"{100 * m:.2f} ± {100 * s:.2f}"
 
 
+MATCH_KEYS = (
+    "lr",
+    "clip_norm",
+    "density",
+    "momentum",
+    "target_epsilon",
+    "lr_schedule",
+    "window_size",
+    "epochs",
+    "batch_size",
+)
+
+
+def tuned_records(
+    rows: list[dict[str, str]], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each optimizer's tuned setting pooled over its seeds (the `tune` run and the `seeds` runs).
+
+    Returned with tag ``"tuned"``; the ε and clipping plots use them as their ε = 3, C = default
+    points, so those plots show mean ± std over every seed of the tuned setting.
+    """
+    out = []
+    for opt, best in best_by_validation(records).items():
+        same = [
+            r
+            for r in rows
+            if r["tag"] in ("tune", "seeds")
+            and r["optimizer"] == opt
+            and r["status"] == "ok"
+            and all(
+                _f(r.get(k, "")) == _f(best.get(k, ""))
+                if _f(best.get(k, "")) is not None
+                else r.get(k, "") == best.get(k, "")
+                for k in MATCH_KEYS
+            )
+        ]
+        val = [_f(r["val_accuracy"]) for r in same]
+        test = [_f(r["test_accuracy"]) for r in same]
+        out.append(
+            {
+                **best,
+                "tag": "tuned",
+                "seeds": len(same),
+                "diverged": 0,
+                "val": mean_std([v for v in val if v is not None]),
+                "test": mean_std([v for v in test if v is not None]),
+            }
+        )
+    return out
+
+
 def write_report(rows: list[dict[str, str]], results_dir: Path, name: str) -> list[Path]:
     """Write ``<name>.md`` (table) and PNG plots next to the CSV. Returns the written paths."""
     results_dir = Path(results_dir)
@@ -137,10 +188,14 @@ def write_report(rows: list[dict[str, str]], results_dir: Path, name: str) -> li
                 f"test {_pm(r['test'])}\n"
             )
         text += "\n"
-    text += markdown_table(records)
+    tuned = tuned_records(rows, records)
+    if tuned:
+        text += "Tuned setting of each optimizer, pooled over seeds (tag `tuned`):\n\n"
+        text += markdown_table(tuned) + "\n"
+    text += "All settings:\n\n" + markdown_table(records)
     written[0].write_text(text)
     if records:
-        written += _plots(records, results_dir, name)
+        written += _plots(records + tuned, results_dir, name)
         written += _learning_curves(rows, results_dir, name)
     return written
 
@@ -154,6 +209,8 @@ def _plots(records: list[dict[str, Any]], results_dir: Path, name: str) -> list[
     written = []
     for tag, (xkey, xlog) in PLOTS.items():
         recs = [r for r in records if r["tag"] == tag and r["test"][0] == r["test"][0]]
+        if tag in ("epsilon", "clip"):  # the tuned setting is the ε = 3 / default-C point
+            recs += [r for r in records if r["tag"] == "tuned"]
         if not recs:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
