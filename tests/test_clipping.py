@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpmicroadam.privacy import PrivateGradient, VmapEngine
+from dpmicroadam.privacy import PrivateGradient, VmapEngine, make_engine
 from privacy_models import CASES, make_case, per_row_ce
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -77,12 +77,13 @@ def adversarial(model, x, augmult):
     return x_adv, logits.mean(0, keepdim=True).argmin(1)
 
 
+@pytest.mark.parametrize("engine_kind", ["vmap", "fast"])
 @pytest.mark.parametrize("augmult", [1, 3])
 @pytest.mark.parametrize("name", ["mlp", "plaincnn"])
-def test_sensitivity_add_remove_replace(name, augmult):
+def test_sensitivity_add_remove_replace(name, augmult, engine_kind):
     clip = 0.3
     model, x, y = make_case(name, b=6, augmult=augmult, seed=1)
-    engine = VmapEngine(model, per_row_ce)
+    engine = make_engine(model, per_row_ce, kind=engine_kind)
     x_adv, y_adv = adversarial(model, x, augmult)
     _, adv_norm = engine.clipped_sum(x_adv, y_adv, clip, augmult)
     assert float(adv_norm[0]) > 100 * clip  # the bound is really exercised by clipping
