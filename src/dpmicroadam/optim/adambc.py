@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from .validated import ValidatedOptimizer
 
 
 def _check(name: str, value: Any, ok: bool, must: str) -> None:
@@ -43,7 +44,7 @@ def validate_adambc_group(group: dict) -> None:
     _check("weight_decay", wd, _real(wd) and wd >= 0, "must be >= 0")
 
 
-class AdamBC(Optimizer):
+class AdamBC(ValidatedOptimizer):
     r"""DP-AdamBC (Tang et al., arXiv:2312.14334): bias-corrected second moment for DP-Adam.
 
     The released DP gradient carries Gaussian noise of std ``noise_std`` = :math:`\sigma C/B` per
@@ -69,6 +70,8 @@ class AdamBC(Optimizer):
         weight_decay: decoupled weight decay :math:`\lambda`.
     """
 
+    validate_group = staticmethod(validate_adambc_group)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -81,17 +84,7 @@ class AdamBC(Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), gamma=gamma, noise_std=noise_std, weight_decay=weight_decay
         )
-        validate_adambc_group(defaults)
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, filling defaults, and validate its hyper-parameters."""
-        super().add_param_group(param_group)
-        try:
-            validate_adambc_group(self.param_groups[-1])
-        except (ValueError, TypeError):
-            self.param_groups.pop()
-            raise
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

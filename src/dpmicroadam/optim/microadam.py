@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .batched import batchable, batched_step
 from .kernels import Hyper, check_state, fast_step, init_state, loop_step
+from .validated import ValidatedOptimizer
 
 STATE_FORMAT_VERSION = 1
 _IMPLEMENTATIONS = {"fast": fast_step, "loop": loop_step}
@@ -71,7 +71,7 @@ def validate_group(group: dict) -> None:
         )
 
 
-class MicroAdam(Optimizer):
+class MicroAdam(ValidatedOptimizer):
     r"""MicroAdam (Modoranu et al., NeurIPS 2024, arXiv:2405.15593), exactly as SPEC section 1.
 
     Per tensor, with gradient :math:`g` at global step :math:`t` and window length :math:`m`:
@@ -110,6 +110,8 @@ class MicroAdam(Optimizer):
     :mod:`dpmicroadam.optim.kernels` for its layout and :func:`state_bytes` for its size.
     """
 
+    validate_group = staticmethod(validate_group)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -138,17 +140,7 @@ class MicroAdam(Optimizer):
             value_dtype=value_dtype,
             implementation=implementation,
         )
-        validate_group(defaults)
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, filling defaults, and validate its hyper-parameters."""
-        super().add_param_group(param_group)
-        try:
-            validate_group(self.param_groups[-1])
-        except (ValueError, TypeError):
-            self.param_groups.pop()
-            raise
 
     def _plan_step(
         self,
