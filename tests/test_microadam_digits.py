@@ -25,12 +25,12 @@ def _data():
     )
 
 
-def _train(make_opt, data, epochs: int = 20, batch: int = 64) -> float:
+def _train(make_opt, data, epochs: int = 20, batch: int = 64, seed: int = 0) -> float:
     x_tr, y_tr, x_te, y_te = data
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = make_opt(model.parameters())
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         perm = torch.randperm(len(x_tr), generator=gen)
         for i in range(0, len(x_tr), batch):
@@ -53,9 +53,15 @@ def one_thread():
 
 
 def test_mlp_on_digits_is_within_3_points_of_adamw(one_thread):
+    # One seed is not evidence: with a sparse update, single runs spread over +-3 points
+    # (rounding-level changes move a run that much), so compare means over 5 seeds.
     data = _data()
-    adamw = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-3), data)
+    seeds = range(5)
+    adamw = [_train(lambda ps: torch.optim.AdamW(ps, lr=1e-3), data, seed=s) for s in seeds]
     # lrs do not transfer from Adam (SPEC); density 0.1 so that small tensors update > 1 entry
-    micro = _train(lambda ps: MicroAdam(ps, lr=1e-2, density=0.1), data)
-    assert adamw > 0.9
-    assert micro >= adamw - 0.03, (micro, adamw)
+    micro = [
+        _train(lambda ps: MicroAdam(ps, lr=5e-3, density=0.1), data, seed=s) for s in seeds
+    ]
+    mean_adamw, mean_micro = sum(adamw) / len(adamw), sum(micro) / len(micro)
+    assert mean_adamw > 0.9
+    assert mean_micro >= mean_adamw - 0.03, (micro, adamw)

@@ -18,6 +18,7 @@ from torch import Tensor
 from .kernels import (
     Hyper,
     compute_dtype,
+    moment_terms,
     moment_weights,
     raise_overflow,
     sparse_update,
@@ -171,7 +172,8 @@ def batched_step(
         .reshape(-1)
     )
     v = torch.cat([st["values"][:filled] for st in states], dim=1).to(comp)
-    big_m, big_s = window_moments(scratch, idx, v, *moment_weights(hp, t, filled, comp, dev))
+    m_terms, s_terms = moment_terms(v, *moment_weights(hp, t, filled, comp, dev))
+    big_m, big_s = window_moments(scratch, idx, m_terms.reshape(-1), s_terms.reshape(-1))
     flat = torch.cat([p.reshape(-1) for p in params])
     sparse_update(flat, idx, big_m, big_s, hp, t)
     torch._foreach_copy_([p.view(-1) for p in params], list(flat.split(numels)))

@@ -152,17 +152,23 @@ def _weights(
     return w1, w2
 
 
+def moment_terms(v: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    """``beta1**age * v`` and ``beta2**age * v**2`` of a ``(filled, k)`` window."""
+    return v * w1, v * v * w2
+
+
 def window_moments(
-    scratch: Tensor, idx: Tensor, v: Tensor, w1: Tensor, w2: Tensor
+    scratch: Tensor, idx: Tensor, m_terms: Tensor, s_terms: Tensor
 ) -> tuple[Tensor, Tensor]:
     """M and S (SPEC step 4) at every window entry, using ``scratch`` at those coordinates only.
 
-    ``idx`` lists the window's coordinates slot by slot, so each coordinate's sum runs over the
-    slots in order, as in the ground-truth loop.
+    ``idx``, ``m_terms`` and ``s_terms`` are flat and list every coordinate's slots in slot
+    order, so each coordinate's sum runs over the slots in order, as in the ground-truth loop.
     """
-    scratch.scatter_(0, idx, 0.0).scatter_add_(0, idx, (v * w1).reshape(-1))
+    # A dense memset is several times cheaper than zeroing the scattered coordinates.
+    scratch.zero_().scatter_add_(0, idx, m_terms)
     big_m = scratch.index_select(0, idx)
-    scratch.scatter_(0, idx, 0.0).scatter_add_(0, idx, (v * v * w2).reshape(-1))
+    scratch.zero_().scatter_add_(0, idx, s_terms)
     return big_m, scratch.index_select(0, idx)
 
 
@@ -171,19 +177,19 @@ def sparse_update(
 ) -> None:
     """SPEC steps 5-6 at the window's coordinates; ``big_m`` and ``big_s`` are consumed.
 
-    Same operation order as the ground truth, so the result matches it bit for bit.
-    Duplicate indices (a coordinate in several slots) all write the same value.
+    ``theta - lr * c1 * M / (sqrt(c2 S) + eps)`` in one fused pass (the ground truth forms
+    ``u`` first; the two agree to rounding). Duplicate indices (a coordinate in several slots) all write the same value.
     """
     c1, c2 = bias_corrections(hp, t)
-    u = big_m.mul_(c1).div_(big_s.mul_(c2).sqrt_().add_(hp.eps))
+    denom = big_s.mul_(c2).sqrt_().add_(hp.eps)
     if hp.weight_decay != 0:
         flat.mul_(1 - hp.lr * hp.weight_decay)
     theta = flat.index_select(0, idx)
-    if theta.dtype == u.dtype:
-        theta.sub_(u.mul_(hp.lr))
+    if theta.dtype == denom.dtype:
+        theta.addcdiv_(big_m, denom, value=-hp.lr * c1)
     else:
-        theta = (theta.to(u.dtype) - u.mul_(hp.lr)).to(flat.dtype)
-    flat.scatter_(0, idx, theta)
+        theta = torch.addcdiv(theta.to(denom.dtype), big_m, denom, value=-hp.lr * c1)
+    flat.scatter_(0, idx, theta.to(flat.dtype))
 
 
 def bias_corrections(hp: Hyper, t: int) -> tuple[float, float]:
@@ -305,8 +311,10 @@ def fast_step(
     _write_slot(state, t, local, values)
     filled = min(t, hp.window_size)
     idx = (state["indices"][:filled].long() + layout.column_offsets(dev)).reshape(-1)
-    v = state["values"][:filled].to(comp)
-    big_m, big_s = window_moments(scratch, idx, v, *moment_weights(hp, t, filled, comp, dev))
+    m_terms, s_terms = moment_terms(
+        state["values"][:filled].to(comp), *moment_weights(hp, t, filled, comp, dev)
+    )
+    big_m, big_s = window_moments(scratch, idx, m_terms.reshape(-1), s_terms.reshape(-1))
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
     sparse_update(flat, idx, big_m, big_s, hp, t)
     if not p.is_contiguous():
