@@ -5,7 +5,8 @@ Each configuration runs in its own process (so the process's peak memory is its 
 prints one JSON line: commit, torch version, device, configuration, trained parameters,
 optimizer state bytes (total and per trained parameter), median step ms and peak memory.
 
-A "step" is one logical batch: Poisson sample, per-example gradients (vmap), clipping, noise,
+A "step" is one logical batch: Poisson sample, clipped per-example gradients (the fast engine
+or vmap, ``--engine``; both by default), noise,
 optimizer step; ``median_optimizer_step_ms`` is the optimizer's ``step()`` alone. Peak memory is the process's max RSS on CPU (model, data and the b × params
 per-example gradients included: compare ``peak_mb - loaded_mb`` between rows) or
 ``torch.cuda.max_memory_allocated`` on GPU. Compare rows as ratios within one run.
@@ -26,7 +27,8 @@ import sys
 import time
 
 CONFIGS = [
-    (optimizer, trainable)
+    (optimizer, trainable, engine)
+    for engine in ("fast", "vmap")
     for trainable in ("all", "bias")
     for optimizer in ("dp-microadam", "dp-adam")
 ]
@@ -93,7 +95,7 @@ def run_one(args: argparse.Namespace) -> dict:
             noise_multiplier=1.0,
             target_delta=1e-5,
             physical_batch_size=args.physical_batch_size,
-            engine="vmap",
+            engine=args.engine,
         ),
         model,
         lambda out, t: F.cross_entropy(out, t, reduction="none"),
@@ -129,6 +131,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "model": os.path.basename(path.rstrip("/")),
         "optimizer": args.optimizer,
         "trainable": args.trainable,
+        "engine": type(mech.engine).__name__,
         "trained_parameters": trained,
         "total_parameters": total,
         "batch_size": args.batch_size,
@@ -158,13 +161,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--optimizer", choices=["dp-microadam", "dp-adam"], default=None)
     p.add_argument("--trainable", choices=["all", "bias"], default=None)
+    p.add_argument("--engine", choices=["fast", "vmap"], default=None)
     args = p.parse_args()
-    if args.optimizer and args.trainable:
+    if args.optimizer and args.trainable and args.engine:
         print(json.dumps(run_one(args)), flush=True)
         return
     # One process per configuration: the peak memory of a process is its own.
-    for optimizer, trainable in CONFIGS:
-        cmd = [sys.executable, __file__, "--optimizer", optimizer, "--trainable", trainable]
+    for optimizer, trainable, engine in CONFIGS:
+        if args.engine and engine != args.engine:
+            continue
+        cmd = [sys.executable, __file__, "--optimizer", optimizer, "--trainable", trainable,
+               "--engine", engine]  # fmt: skip
         for flag in ("model_path", "device", "batch_size", "physical_batch_size", "max_length",
                      "steps", "warmup"):  # fmt: skip
             value = getattr(args, flag)
@@ -173,7 +180,7 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode != 0 or not lines:
-            print(json.dumps({"optimizer": optimizer, "trainable": trainable,
+            print(json.dumps({"optimizer": optimizer, "trainable": trainable, "engine": engine,
                               "error": out.stderr.strip().splitlines()[-1:]}), flush=True)  # fmt: skip
             continue
         print(lines[-1], flush=True)

@@ -32,23 +32,33 @@ from dpmicroadam.train.ema import EMA
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def measure(device: str, batch_size: int, augmult: int, physical: int, repeats: int,
-            engine: str) -> dict:
+def measure(
+    device: str, batch_size: int, augmult: int, physical: int, repeats: int, engine: str
+) -> dict:
     recipe = load_toml(recipe_path("cifar10-wrn16-4"))
     n = 49_000  # CIFAR-10 training images after the recipe's 2 % validation split
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model("wrn16-4", (3, 32, 32), 10).to(dev)
     mech = DPMechanism(
-        DPConfig(dataset_size=n, expected_batch_size=float(batch_size), clip_norm=1.0,
-                 target_delta=1e-5, noise_multiplier=3.0, augmult=augmult,
-                 physical_batch_size=physical, seed=0, engine=engine),
+        DPConfig(
+            dataset_size=n,
+            expected_batch_size=float(batch_size),
+            clip_norm=1.0,
+            target_delta=1e-5,
+            noise_multiplier=3.0,
+            augmult=augmult,
+            physical_batch_size=physical,
+            seed=0,
+            engine=engine,
+        ),
         model,
         lambda out, y: F.cross_entropy(out, y, reduction="none"),
     )
@@ -77,13 +87,22 @@ def measure(device: str, batch_size: int, augmult: int, physical: int, repeats: 
     step_s = statistics.median(times)
     per_example_s = sum(times) / max(1, sum(sizes))
     full_b, full_steps = recipe["batch_size"], recipe["steps"]
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated(dev)
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
-        "commit": commit(), "torch": torch.__version__, "device": str(dev),
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "engine": type(mech.engine).__name__, "batch_size": batch_size, "augmult": augmult,
-        "physical_batch_size": physical, "median_step_s": round(step_s, 4),
+        "commit": commit(),
+        "torch": torch.__version__,
+        "device": str(dev),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "engine": type(mech.engine).__name__,
+        "batch_size": batch_size,
+        "augmult": augmult,
+        "physical_batch_size": physical,
+        "median_step_s": round(step_s, 4),
         "per_example_ms": round(1e3 * per_example_s, 3),
         "peak_memory_mb": round(peak / 2**20, 1),
         "memory_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "max RSS",
@@ -102,8 +121,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engine", default="auto")
     args = ap.parse_args()
-    print(json.dumps(measure(args.device, args.batch_size, args.augmult, args.physical_batch_size,
-                             args.repeats, args.engine)), flush=True)
+    print(
+        json.dumps(
+            measure(
+                args.device,
+                args.batch_size,
+                args.augmult,
+                args.physical_batch_size,
+                args.repeats,
+                args.engine,
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

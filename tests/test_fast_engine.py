@@ -350,3 +350,39 @@ def test_wide_conv_instantiated_one_example_at_a_time():
     torch.manual_seed(14)
     model = nn.Sequential(nn.Conv2d(128, 2, 3, padding=1), nn.Tanh(), Flatten(), nn.Linear(18, 3))
     check(model, torch.randn(3, 2, 128, 3, 3), labels(3), augmult=2)
+
+
+class PositionalEncoder(nn.Module):
+    """BERT's embedding layout: position ids are a (1, L) buffer broadcast over the batch."""
+
+    def __init__(self, vocab=9, length=6, dim=5, index_first=False):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(length, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+        self.register_buffer("position_ids", torch.arange(length)[None, :])
+        self.index_first = index_first
+
+    def forward(self, ids):
+        pos = self.positions(self.position_ids[:, : ids.shape[1]])
+        if self.index_first:
+            pos = pos[0]  # (L, dim): broadcasting still works, but rows are no longer examples
+        x = self.tokens(ids)
+        x += pos
+        return self.head(self.norm(x))
+
+
+def test_shared_position_embeddings_get_per_example_gradients():
+    torch.manual_seed(12)
+    model = PositionalEncoder()
+    assert supports(model)
+    check(model, torch.randint(0, 9, (5, 6)), labels(5), loss_fn=seq_ce)
+    check(model, torch.randint(0, 9, (3, 2, 6)), labels(3), loss_fn=seq_ce, augmult=2)
+
+
+def test_shared_output_not_broadcast_is_refused():
+    torch.manual_seed(13)
+    engine = FastEngine(PositionalEncoder(index_first=True), seq_ce)
+    with pytest.raises(ValueError, match="positions.*shared by all examples"):
+        engine.clipped_sum(torch.randint(0, 9, (4, 6)), labels(4), 1.0)

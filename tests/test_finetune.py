@@ -32,6 +32,7 @@ from dpmicroadam.models.trainable import (  # noqa: E402
     trainable_count,
 )
 from dpmicroadam.privacy import VmapEngine  # noqa: E402
+from dpmicroadam.privacy.fast import FastEngine, supports  # noqa: E402
 from dpmicroadam.train.checkpoint import load_checkpoint  # noqa: E402
 from dpmicroadam.train.finetune import (  # noqa: E402
     FinetuneTrainer,
@@ -155,6 +156,37 @@ def test_trainable_modes_pick_the_right_parameters():
 # ---------------------------------------------------------------------- runs
 
 
+@pytest.mark.parametrize("mode", ["head", "bias", "lora", "all"])
+def test_fast_engine_through_minilm_equals_a_loop(tokenizer, mode):
+    # The position embeddings are looked up from a (1, L) buffer shared by the batch: the fast
+    # engine must still attribute each example's gradient to that example ("all" trains them).
+    torch.manual_seed(0)
+    model = select_trainable(load_hf_classifier(MODEL, 2), mode)
+    assert supports(model)
+    texts = ["the movie was great", "bad", "an awful, awful trip"]
+    x = encode_texts(tokenizer, texts, max_length=8)
+    y = torch.tensor([1, 0, 0])
+    engine = FastEngine(model, loss_rows)
+    clip = 0.5
+    want = [torch.zeros_like(p) for p in engine.params]
+    want_norms = []
+    for i in range(3):
+        grads = torch.autograd.grad(
+            loss_rows(model(x[i : i + 1]), y[i : i + 1]).sum(), engine.params, allow_unused=True
+        )
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, engine.params)]
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        want_norms.append(norm)
+        for w, g in zip(want, grads):
+            w += min(1.0, clip / norm.item()) * g
+    for inputs in (x, x[:, :2]):  # with and without token_type_ids (then a shared buffer too)
+        sums, norms = engine.clipped_sum(inputs, y, clip)
+        torch.testing.assert_close(norms, torch.stack(want_norms), atol=1e-6, rtol=1e-5)
+        for got, w in zip(sums, want):
+            torch.testing.assert_close(got, w, atol=1e-6, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def run_cfg(data, tmp_path, mode, **kw):
     train, test = data
     settings = dict(
@@ -198,7 +230,7 @@ MODES = {
 )
 def test_private_finetuning_lowers_the_test_loss(data, tmp_path, mode):
     trainer = FinetuneTrainer(run_cfg(data, tmp_path, mode, **MODES[mode]))
-    assert type(trainer.mechanism.engine).__name__ == "VmapEngine"
+    assert type(trainer.mechanism.engine).__name__ == "FastEngine"  # --engine auto
     _, before = trainer.evaluate(trainer.x_test, trainer.y_test)
     summary = trainer.run()
     after = trainer.metrics.rows[-1]["test_loss"]
@@ -230,7 +262,8 @@ def test_cli_finetune_held_out_test_split(data, tmp_path, capsys):
     assert summary["model"] == "model" and summary["dataset"] == "text:train.csv"
     assert json.loads((out / "summary.json").read_text()) == summary
     assert json.loads((out / "labels.json").read_text())["labels"] == ["neg", "pos"]
-    assert json.loads((out / "config.json").read_text())["engine"] == "vmap"
+    assert json.loads((out / "config.json").read_text())["engine"] == "auto"
+    assert summary["engine"] == "fast"  # auto picks the fast engine for BERT-type models
 
 
 # ---------------------------------------------------------------------- bad input
@@ -348,7 +381,7 @@ def test_config_resolution_toml_and_defaults(data, tmp_path):
     assert (cfg.trainable, cfg.lora_r, cfg.lr) == ("lora", 4, 3e-3)  # flags win over the file
     assert cfg.noise_multiplier == 1.5 and cfg.epsilon is None and cfg.clip_norm == 0.5
     assert "clip_norm" not in cfg.defaults_source
-    assert cfg.engine == "vmap" and cfg.batch_size == 32 and cfg.task == "text"
+    assert cfg.engine == "auto" and cfg.batch_size == 32 and cfg.task == "text"
     assert cfg.defaults_source["batch_size"] == "built-in fine-tuning default"
     assert "lr" not in cfg.defaults_source and "noise_multiplier" not in cfg.defaults_source
     with pytest.raises(ValueError, match="augmult"):

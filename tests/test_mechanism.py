@@ -28,8 +28,15 @@ def data(n: int = 64, seed: int = 0):
 
 
 def config(**kw) -> DPConfig:
-    base = dict(dataset_size=64, expected_batch_size=16.0, clip_norm=1.0, target_delta=1e-5,
-                noise_multiplier=1.0, physical_batch_size=5, seed=3)
+    base = dict(
+        dataset_size=64,
+        expected_batch_size=16.0,
+        clip_norm=1.0,
+        target_delta=1e-5,
+        noise_multiplier=1.0,
+        physical_batch_size=5,
+        seed=3,
+    )
     base.update(kw)
     return DPConfig(**base)
 

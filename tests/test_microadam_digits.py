@@ -59,9 +59,7 @@ def test_mlp_on_digits_is_within_3_points_of_adamw(one_thread):
     seeds = range(5)
     adamw = [_train(lambda ps: torch.optim.AdamW(ps, lr=1e-3), data, seed=s) for s in seeds]
     # lrs do not transfer from Adam (SPEC); density 0.1 so that small tensors update > 1 entry
-    micro = [
-        _train(lambda ps: MicroAdam(ps, lr=5e-3, density=0.1), data, seed=s) for s in seeds
-    ]
+    micro = [_train(lambda ps: MicroAdam(ps, lr=5e-3, density=0.1), data, seed=s) for s in seeds]
     mean_adamw, mean_micro = sum(adamw) / len(adamw), sum(micro) / len(micro)
     assert mean_adamw > 0.9
     assert mean_micro >= mean_adamw - 0.03, (micro, adamw)

@@ -19,8 +19,9 @@ def write_fake_cifar10(folder, per_batch=12, seed=0):
         for name in names:
             data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
             labels = rng.integers(0, 10, per_batch).tolist()
-            blob = pickle.dumps({b"batch_label": b"fake", b"data": data, b"labels": labels},
-                                protocol=2)
+            blob = pickle.dumps(
+                {b"batch_label": b"fake", b"data": data, b"labels": labels}, protocol=2
+            )
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             archive.addfile(info, io.BytesIO(blob))
@@ -30,9 +31,30 @@ def test_cifar10_recipe_runs_end_to_end(tmp_path, capsys):
     write_fake_cifar10(tmp_path)
     out = tmp_path / "run"
     # The shipped recipe, shrunk only in size (batch, steps, views) so it fits a unit test.
-    code = main(["train", "--recipe", "cifar10-wrn16-4", "--data-dir", str(tmp_path),
-                 "--batch-size", "8", "--steps", "2", "--augmult", "2", "--physical-batch-size",
-                 "4", "--val-fraction", "0.1", "--eval-every", "2", "--json", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "cifar10-wrn16-4",
+            "--data-dir",
+            str(tmp_path),
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--augmult",
+            "2",
+            "--physical-batch-size",
+            "4",
+            "--val-fraction",
+            "0.1",
+            "--eval-every",
+            "2",
+            "--json",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["model"] == "wrn16-4" and summary["optimizer"] == "dp-microadam"

@@ -51,7 +51,23 @@ def test_sweep_runs_resumes_and_reports(tmp_path, capsys):
         assert (results / name).is_file(), name
     with (results / "tiny.csv").open() as fh:
         header = next(csv.reader(fh))
-    for col in ("optimizer", "target_epsilon", "epsilon", "delta", "accountant", "clip_norm", "lr",
-                "lr_schedule", "momentum", "batch_size", "epochs", "density", "window_size",
-                "seed", "val_accuracy", "test_accuracy", "wall_seconds"):
+    for col in (
+        "optimizer",
+        "target_epsilon",
+        "epsilon",
+        "delta",
+        "accountant",
+        "clip_norm",
+        "lr",
+        "lr_schedule",
+        "momentum",
+        "batch_size",
+        "epochs",
+        "density",
+        "window_size",
+        "seed",
+        "val_accuracy",
+        "test_accuracy",
+        "wall_seconds",
+    ):
         assert col in header, col

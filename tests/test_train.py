@@ -28,12 +28,31 @@ def run_cfg(tmp_path: Path, name: str, **kw):
 def test_default_run_writes_the_report(tmp_path):
     summary = train(run_cfg(tmp_path, "a"))
     out = tmp_path / "a"
-    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt",
-                 "accuracy.png", "epsilon.png"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoint.pt",
+        "accuracy.png",
+        "epsilon.png",
+    ):
         assert (out / name).is_file(), name
-    for key in ("dataset", "model", "optimizer", "test_accuracy", "epsilon", "delta", "accountant",
-                "noise_multiplier", "sample_rate", "steps", "clip_norm", "seed", "wall_seconds",
-                "optimizer_state_bytes_per_param"):
+    for key in (
+        "dataset",
+        "model",
+        "optimizer",
+        "test_accuracy",
+        "epsilon",
+        "delta",
+        "accountant",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "clip_norm",
+        "seed",
+        "wall_seconds",
+        "optimizer_state_bytes_per_param",
+    ):
         assert key in summary, key
     assert summary["optimizer"] == "dp-microadam"
     assert summary["steps"] == 24
@@ -70,7 +89,9 @@ def _final_params(out: Path) -> list[torch.Tensor]:
 def test_resume_is_bit_identical(tmp_path, extra):
     full = train(run_cfg(tmp_path, "full", checkpoint_every=6, **extra))
     cut = run_cfg(tmp_path, "cut", checkpoint_every=6, **extra)
-    assert Trainer(cut, stop_after=15).run() == {"stopped_at": 15}  # "killed" 3 steps after a checkpoint
+    assert Trainer(cut, stop_after=15).run() == {
+        "stopped_at": 15
+    }  # "killed" 3 steps after a checkpoint
     resumed = train(run_cfg(tmp_path, "cut", checkpoint_every=6, resume=True, **extra))
     for a, b in zip(_final_params(tmp_path / "full"), _final_params(tmp_path / "cut")):
         assert torch.equal(a, b)
@@ -78,26 +99,41 @@ def test_resume_is_bit_identical(tmp_path, extra):
         assert full[key] == resumed[key], key
     rows_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     rows_cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    strip = [
-        {k: v for k, v in json.loads(r).items() if k != "wall_seconds"} for r in rows_full
-    ]
+    strip = [{k: v for k, v in json.loads(r).items() if k != "wall_seconds"} for r in rows_full]
     assert strip == [
         {k: v for k, v in json.loads(r).items() if k != "wall_seconds"} for r in rows_cut
     ]
 
 
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
-    args = ["--steps", "60", "--batch-size", "64", "--checkpoint-every", "1",
-            "--eval-every", "20", "--no-progress", "--json"]
+    args = [
+        "--steps",
+        "60",
+        "--batch-size",
+        "64",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "20",
+        "--no-progress",
+        "--json",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ref = subprocess.run([sys.executable, "-m", "dpmicroadam", "train", *args, "--out",
-                          str(tmp_path / "ref")], capture_output=True, text=True, env=env,
-                         check=True)
+    ref = subprocess.run(
+        [sys.executable, "-m", "dpmicroadam", "train", *args, "--out", str(tmp_path / "ref")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     ref_summary = json.loads(ref.stdout)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dpmicroadam", "train", *args, "--out",
-                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpmicroadam", "train", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         ckpt = out / "checkpoint.pt"
@@ -112,8 +148,13 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     proc.wait()
     step_at_kill = load_checkpoint(out / "checkpoint.pt")["step"]
     assert step_at_kill < 60
-    res = subprocess.run([sys.executable, "-m", "dpmicroadam", "train", *args, "--out", str(out),
-                          "--resume"], capture_output=True, text=True, env=env, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "dpmicroadam", "train", *args, "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     summary = json.loads(res.stdout)
     for key in ("test_accuracy", "epsilon", "noise_multiplier", "steps"):
         assert summary[key] == ref_summary[key], key
@@ -186,4 +227,9 @@ def test_toml_config_and_flags_win(tmp_path):
 def test_recipe_resolves():
     cfg = resolve_config({"recipe": "cifar10-wrn16-4"})
     assert (cfg.model, cfg.batch_size, cfg.augmult, cfg.ema, cfg.lr) == (
-        "wrn16-4", 4096, 16, 0.999, 1e-3)
+        "wrn16-4",
+        4096,
+        16,
+        0.999,
+        1e-3,
+    )

@@ -145,11 +145,6 @@ def resolve_finetune_config(
     }
     if text:
         cfg.dataset = f"text:{Path(cfg.train_file).name}"
-        if cfg.engine == "auto":
-            # The fast hooks engine needs batch-first inputs in every layer; BERT-like models
-            # look up position embeddings with a (1, L) buffer broadcast over the batch.
-            cfg.engine = "vmap"
-            cfg.defaults_source["engine"] = "fine-tuning: transformers models use vmap"
     elif dataset_label is not None:
         cfg.dataset = dataset_label
     cfg.model = _model_label(cfg)

@@ -31,6 +31,8 @@ class Record:
         versions: ``(tensor, version)`` of every tensor input, to detect in-place changes.
         extra: Rule-specific data captured during the call (e.g. the convolution it ran).
         grads: Gradients of the loss with respect to the outputs, filled after backward.
+        shared: The call's inputs were shared by all examples (leading size 1) and were
+            expanded to one row per example, as was its output.
     """
 
     args: tuple
@@ -41,9 +43,39 @@ class Record:
     versions: list[tuple[torch.Tensor, int]]
     extra: Any = None
     grads: list[torch.Tensor] = field(default_factory=list)
+    shared: bool = False
 
 
-def make_record(args: tuple, kwargs: dict, output: Any, extra: Any = None) -> Record:
+# Autograd nodes through which a per-example copy of shared data may reach the loss: elementwise
+# binary ops, where row i of the result depends on row i of the copy only (so the gradient of
+# row i is example i's own). Anything else (indexing, a reduction over the batch) could pour
+# several examples' gradients into one row and is refused.
+BROADCAST_CONSUMERS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0"})
+
+
+def is_shared_call(args: tuple, kwargs: dict, output: Any) -> bool:
+    """Whether a call ran on data shared by the whole batch: output and every tensor input of
+    rank >= 1 have leading size 1 (at least one such input)."""
+    if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != 1:
+        return False
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    ranked = [t for t in inputs if t.dim() > 0]
+    return bool(ranked) and all(t.shape[0] == 1 for t in ranked)
+
+
+def expand_rows(tree: Any, n: int) -> Any:
+    """Expands every tensor of rank >= 1 in ``tree`` from leading size 1 to ``n`` (a view)."""
+    leaves, spec = tree_flatten(tree)
+    out = [
+        t.expand(n, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+        for t in leaves
+    ]
+    return spec.unflatten(out)
+
+
+def make_record(
+    args: tuple, kwargs: dict, output: Any, extra: Any = None, shared: bool = False
+) -> Record:
     """Builds a :class:`Record` from a module call's inputs and output."""
     leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
     index, edges, like = [], [], []
@@ -54,7 +86,7 @@ def make_record(args: tuple, kwargs: dict, output: Any, extra: Any = None) -> Re
             like.append((leaf.shape, leaf.dtype, leaf.device))
     in_leaves = list(args) if not kwargs else tree_flatten((args, kwargs))[0]
     versions = [(t, t._version) for t in in_leaves if isinstance(t, torch.Tensor)]
-    return Record(tuple(args), dict(kwargs), index, edges, like, versions, extra)
+    return Record(tuple(args), dict(kwargs), index, edges, like, versions, extra, shared=shared)
 
 
 def check_unchanged(record: Record, name: str) -> None:
@@ -96,9 +128,12 @@ def check_graph(
     """
     wanted = {id(p) for p in params}
     cuts: dict[Any, list] = {}
-    for _, record in records:
+    shared: dict[Any, str] = {}
+    for name, record in records:
         for edge in record.edges:
             cuts.setdefault(edge.node, []).extend(_input_nodes(record))
+            if record.shared:
+                shared[edge.node] = name
     seen: set = set()
     stack = [loss.grad_fn] if loss.grad_fn is not None else []
     while stack:
@@ -106,6 +141,15 @@ def check_graph(
         if node is None or node in seen:
             continue
         seen.add(node)
+        if shared and type(node).__name__ not in BROADCAST_CONSUMERS:
+            for fn, _ in node.next_functions:
+                if fn in shared:
+                    raise ValueError(
+                        f"module {shared[fn]!r} ran on data shared by all examples (leading size "
+                        f"1) and its output reaches the loss through {type(node).__name__}, not by "
+                        "being broadcast into per-example tensors (+, -, *); the fast engine "
+                        "cannot attribute its gradient to examples: use engine='vmap'"
+                    )
         if node in cuts:
             stack.extend(cuts[node])
             continue

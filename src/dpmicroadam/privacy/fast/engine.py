@@ -83,6 +83,7 @@ class FastEngine:
         try:
             for owner in self._owners:
                 owner.views = k
+                owner.batch_rows = b * k
                 handles += owner.install()
             with torch.enable_grad():
                 outputs = self.model(flat)

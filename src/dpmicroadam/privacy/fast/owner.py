@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .capture import Record, make_record
+from .capture import Record, expand_rows, is_shared_call, make_record
 
 # Upper bound on the elements of one transient per-example tensor (a chunk of instantiated
 # gradients, Gram matrices or unfolded inputs): 2**22 float32 entries = 16 MiB. Small, because
@@ -45,13 +45,26 @@ class Owner:
         self.params = params
         self.records: list[Record] = []
         self.views = 1  # K of the current call, set by the engine before the forward pass
+        self.batch_rows = 0  # b·K rows of the current call, set by the engine likewise
 
     def install(self) -> list:
         """Registers the forward hook(s); returns the handles to remove."""
 
         def hook(module, args, kwargs, output):
-            if torch.is_grad_enabled():
-                self.records.append(make_record(args, kwargs, output))
+            if not torch.is_grad_enabled():
+                return None
+            n = self.batch_rows
+            if n > 1 and is_shared_call(args, kwargs, output):
+                # A call on data shared by all examples (BERT's (1, L) position ids): give every
+                # example its own copy of the output, so the backward pass yields per-example
+                # output gradients; check_graph verifies the copies are only broadcast into
+                # per-example tensors.
+                args, kwargs = expand_rows((args, kwargs), n)
+                output = output.expand(n, *output.shape[1:])
+                self.records.append(make_record(args, kwargs, output, shared=True))
+                return output
+            self.records.append(make_record(args, kwargs, output))
+            return None
 
         return [self.module.register_forward_hook(hook, with_kwargs=True)]
 
