@@ -355,7 +355,7 @@ def test_wide_conv_instantiated_one_example_at_a_time():
 class PositionalEncoder(nn.Module):
     """BERT's embedding layout: position ids are a (1, L) buffer broadcast over the batch."""
 
-    def __init__(self, vocab=9, length=6, dim=5, index_first=False):
+    def __init__(self, vocab=9, length=6, dim=5, index_first=False, scale=False):
         super().__init__()
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(length, dim)
@@ -363,11 +363,14 @@ class PositionalEncoder(nn.Module):
         self.head = nn.Linear(dim, 3)
         self.register_buffer("position_ids", torch.arange(length)[None, :])
         self.index_first = index_first
+        self.scale = scale
 
     def forward(self, ids):
         pos = self.positions(self.position_ids[:, : ids.shape[1]])
         if self.index_first:
             pos = pos[0]  # (L, dim): broadcasting still works, but rows are no longer examples
+        if self.scale:
+            pos = pos * 2.0  # rows stay copies: a later op could still mix them
         x = self.tokens(ids)
         x += pos
         return self.head(self.norm(x))
@@ -381,8 +384,9 @@ def test_shared_position_embeddings_get_per_example_gradients():
     check(model, torch.randint(0, 9, (3, 2, 6)), labels(3), loss_fn=seq_ce, augmult=2)
 
 
-def test_shared_output_not_broadcast_is_refused():
+@pytest.mark.parametrize("variant", [{"index_first": True}, {"scale": True}])
+def test_shared_output_not_added_to_the_graph_is_refused(variant):
     torch.manual_seed(13)
-    engine = FastEngine(PositionalEncoder(index_first=True), seq_ce)
+    engine = FastEngine(PositionalEncoder(**variant), seq_ce)
     with pytest.raises(ValueError, match="positions.*shared by all examples"):
         engine.clipped_sum(torch.randint(0, 9, (4, 6)), labels(4), 1.0)

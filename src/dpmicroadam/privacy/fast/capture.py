@@ -46,11 +46,13 @@ class Record:
     shared: bool = False
 
 
-# Autograd nodes through which a per-example copy of shared data may reach the loss: elementwise
-# binary ops, where row i of the result depends on row i of the copy only (so the gradient of
-# row i is example i's own). Anything else (indexing, a reduction over the batch) could pour
-# several examples' gradients into one row and is refused.
-BROADCAST_CONSUMERS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0"})
+# Autograd nodes through which a per-example copy of shared data may reach the loss: a sum or
+# difference with another tensor of the graph (BERT adds position embeddings to the token
+# embeddings), where row i of the result depends on row i of the copy only, so the gradient of
+# row i is example i's own. Anything else is refused: indexing or a reduction over the batch
+# would pour several examples' gradients into one row, and a product or a sum with a constant
+# would leave the rows mere copies that a later operation could still mix.
+BROADCAST_CONSUMERS = frozenset({"AddBackward0", "SubBackward0"})
 
 
 def is_shared_call(args: tuple, kwargs: dict, output: Any) -> bool:
@@ -141,15 +143,16 @@ def check_graph(
         if node is None or node in seen:
             continue
         seen.add(node)
-        if shared and type(node).__name__ not in BROADCAST_CONSUMERS:
-            for fn, _ in node.next_functions:
-                if fn in shared:
-                    raise ValueError(
-                        f"module {shared[fn]!r} ran on data shared by all examples (leading size "
-                        f"1) and its output reaches the loss through {type(node).__name__}, not by "
-                        "being broadcast into per-example tensors (+, -, *); the fast engine "
-                        "cannot attribute its gradient to examples: use engine='vmap'"
-                    )
+        if shared and any(fn in shared for fn, _ in node.next_functions):
+            mixes = all(fn is not None for fn, _ in node.next_functions)
+            if type(node).__name__ not in BROADCAST_CONSUMERS or not mixes:
+                fn = next(fn for fn, _ in node.next_functions if fn in shared)
+                raise ValueError(
+                    f"module {shared[fn]!r} ran on data shared by all examples (leading size 1) "
+                    f"and its output reaches the loss through {type(node).__name__}, not by being "
+                    "added to another tensor of the graph (+ or -); the fast engine cannot "
+                    "attribute its gradient to examples: use engine='vmap'"
+                )
         if node in cuts:
             stack.extend(cuts[node])
             continue
