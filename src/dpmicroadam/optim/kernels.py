@@ -178,7 +178,8 @@ def sparse_update(
     """SPEC steps 5-6 at the window's coordinates; ``big_m`` and ``big_s`` are consumed.
 
     ``theta - lr * c1 * M / (sqrt(c2 S) + eps)`` in one fused pass (the ground truth forms
-    ``u`` first; the two agree to rounding). Duplicate indices (a coordinate in several slots) all write the same value.
+    ``u`` first; the two agree to rounding). Duplicate indices (a coordinate in several slots)
+    all write the same value.
     """
     c1, c2 = bias_corrections(hp, t)
     denom = big_s.mul_(c2).sqrt_().add_(hp.eps)

@@ -57,8 +57,8 @@ class Owner:
             if n > 1 and is_shared_call(args, kwargs, output):
                 # A call on data shared by all examples (BERT's (1, L) position ids): give every
                 # example its own copy of the output, so the backward pass yields per-example
-                # output gradients; check_graph verifies the copies are only broadcast into
-                # per-example tensors.
+                # output gradients; check_graph verifies that the copies are only added to
+                # other tensors of the graph.
                 args, kwargs = expand_rows((args, kwargs), n)
                 output = output.expand(n, *output.shape[1:])
                 self.records.append(make_record(args, kwargs, output, shared=True))
