@@ -220,14 +220,7 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize(
-    "mode",
-    # `all` computes 22.7 M-entry per-example gradients (the word embeddings alone are 11.7 M):
-    # minutes on a small CPU, so it runs with -m slow.
-    # lora runs 25-30 s on a loaded 2-core CPU: with -m slow as well (its gradients are checked
-    # in the default run above).
-    ["head", "bias", *(pytest.param(m, marks=pytest.mark.slow) for m in ("lora", "all"))],
-)
+@pytest.mark.parametrize("mode", ["head", "bias", "lora", "all"])  # 1-8 s each (fast engine)
 def test_private_finetuning_lowers_the_test_loss(data, tmp_path, mode):
     trainer = FinetuneTrainer(run_cfg(data, tmp_path, mode, **MODES[mode]))
     assert type(trainer.mechanism.engine).__name__ == "FastEngine"  # --engine auto
