@@ -91,22 +91,31 @@ def init_state(p: Tensor, hp: Hyper, layout: BlockLayout) -> dict[str, Tensor]:
     return state
 
 
+@functools.lru_cache(maxsize=4096)
+def _expected_layout(
+    numel: int, window: int, k_total: int, ef_bits: int | None, bucket: int
+) -> tuple[tuple[int, int], int, int]:
+    """(window shape, packed code bytes, buckets) of a tensor's state; cached (every step)."""
+    if ef_bits is None:
+        return (window, k_total), 0, 0
+    return (window, k_total), packed_numel(numel, ef_bits, bucket), num_buckets(numel, bucket)
+
+
 def check_state(
     state: dict[str, Tensor], p: Tensor, hp: Hyper, layout: BlockLayout, name: str
 ) -> None:
     """Refuse a state whose layout no longer matches the group's structural hyper-parameters."""
-    shape = (hp.window_size, layout.k_total)
-    ok = tuple(state["indices"].shape) == shape and tuple(state["values"].shape) == shape
-    ok = ok and state["values"].dtype == hp.value_dtype
-    ok = ok and state["indices"].dtype == layout.index_dtype
+    shape, packed, buckets = _expected_layout(
+        p.numel(), hp.window_size, layout.k_total, hp.ef_bits, hp.quant_bucket_size
+    )
+    indices, values = state["indices"], state["values"]
+    ok = indices.shape == shape and values.shape == shape
+    ok = ok and values.dtype == hp.value_dtype and indices.dtype == layout.index_dtype
     if hp.ef_bits is None:
         ok = ok and "ef" in state and state["ef"].numel() == p.numel()
     else:
-        ok = ok and "ef_codes" in state
-        ok = ok and state["ef_codes"].numel() == packed_numel(
-            p.numel(), hp.ef_bits, hp.quant_bucket_size
-        )
-        ok = ok and state["ef_min"].numel() == num_buckets(p.numel(), hp.quant_bucket_size)
+        ok = ok and "ef_codes" in state and state["ef_codes"].numel() == packed
+        ok = ok and state["ef_min"].numel() == buckets
     if not ok:
         raise ValueError(
             f"MicroAdam: the state of {name} does not match window_size={hp.window_size}, "

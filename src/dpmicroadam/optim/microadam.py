@@ -71,6 +71,21 @@ def validate_group(group: dict) -> None:
         )
 
 
+class ParamName:
+    """``parameter i of param group g (shape ...)``, formatted only when an error needs it."""
+
+    __slots__ = ("index", "group", "shape")
+
+    def __init__(self, index: int, group: int, shape: torch.Size) -> None:
+        self.index, self.group, self.shape = index, group, shape
+
+    def __str__(self) -> str:
+        return f"parameter {self.index} of param group {self.group} (shape {tuple(self.shape)})"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 class MicroAdam(ValidatedOptimizer):
     r"""MicroAdam (Modoranu et al., NeurIPS 2024, arXiv:2405.15593), exactly as SPEC section 1.
 
@@ -159,7 +174,7 @@ class MicroAdam(ValidatedOptimizer):
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                name = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+                name = ParamName(pi, gi, p.shape)
                 if p.grad.is_sparse:
                     raise TypeError(f"MicroAdam: {name} has a sparse gradient; use a dense one.")
                 layout = hp.layout(p.numel())

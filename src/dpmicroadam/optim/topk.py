@@ -19,6 +19,7 @@ from torch import Tensor
 INT16_BLOCK = 32768  # local indices 0..32767 fit int16
 
 
+@functools.lru_cache(maxsize=4096)
 def keep_count(density: float, length: int) -> int:
     """``ceil(density * length)``, robust to float noise such as ``0.07 * 100 = 7.000000000000001``."""
     return max(1, min(length, math.ceil(round(density * length, 9))))
@@ -87,6 +88,7 @@ def _column_offsets(layout: BlockLayout, device: torch.device) -> Tensor:
     return layout._offsets(device)
 
 
+@functools.lru_cache(maxsize=4096)
 def make_layout(numel: int, density: float, block_size: int | None) -> BlockLayout:
     """Layout for a tensor of ``numel`` entries; ``block_size=None`` is whole-tensor top-k."""
     if block_size is None or numel <= block_size:
