@@ -92,17 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg)
     if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports
         return 0
-    if cfg.json:
-        print(json.dumps(summary))
-    else:
-        _print_summary(summary)
+    from dpmicroadam.train.summary import print_summary
+
+    print_summary(summary, cfg.json)
     return 0
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    from dpmicroadam.train.summary import summary_lines
-
-    print("\n".join(summary_lines(s)))
 
 
 def cmd_account(args: argparse.Namespace) -> int:

@@ -179,6 +179,8 @@ class VmapEngine:
         params: Parameters to differentiate; default all with ``requires_grad=True``.
     """
 
+    kind = "vmap"  # the name make_engine(kind=...) knows it by
+
     def __init__(
         self,
         model: nn.Module,

@@ -8,7 +8,6 @@ and ``--recipe`` do not apply and are refused.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from dpmicroadam.models.trainable import TRAINABLE_MODES
@@ -105,6 +104,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dpmicroadam.train.finetune import FinetuneTrainer, resolve_finetune_config
+    from dpmicroadam.train.summary import print_summary
 
     cfg = resolve_finetune_config(_overrides(args))
     if cfg.json:
@@ -113,14 +113,5 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         summary = FinetuneTrainer(cfg).run()
     except ImportError as err:  # an optional extra (transformers, peft, timm) is missing
         raise ValueError(str(err)) from err
-    if cfg.json:
-        print(json.dumps(summary))
-    else:
-        _print_summary(summary)
+    print_summary(summary, cfg.json)
     return 0
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    from dpmicroadam.train.summary import summary_lines
-
-    print("\n".join(summary_lines(s)))

@@ -26,8 +26,6 @@ from dpmicroadam.train.config import TrainConfig, resolve_config, steps_for
 from dpmicroadam.train.ema import EMA
 from dpmicroadam.train.metrics import MetricsLog, plot_run
 
-_ENGINE_NAMES = {"FastEngine": "fast", "VmapEngine": "vmap"}
-
 VAL_SPLIT_SEED = (
     20240521  # one fixed validation split for every run, so tuning compares like with like
 )
@@ -408,9 +406,7 @@ class Trainer:
             "delta": self.cfg.delta if mech else None,
             "accountant": self.cfg.accountant if mech else None,
             # the per-example gradient engine actually used (--engine auto resolves here)
-            "engine": _ENGINE_NAMES.get(type(mech.engine).__name__, type(mech.engine).__name__)
-            if mech
-            else None,
+            "engine": getattr(mech.engine, "kind", type(mech.engine).__name__) if mech else None,
             "noise_multiplier": mech.noise_multiplier if mech else None,
             "sample_rate": mech.sample_rate if mech else self.cfg.batch_size / self.n,
             "batch_size": self.cfg.batch_size,

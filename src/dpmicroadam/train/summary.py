@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -28,3 +29,11 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"{trains}optimizer state {s['optimizer_state_bytes_per_param']:.3f} bytes/param · "
         f"{s['wall_seconds']:.1f} s · results in {s['out']}",
     ]
+
+
+def print_summary(s: dict[str, Any], as_json: bool) -> None:
+    """Print a run's summary: one JSON object (``--json``), or the readable lines."""
+    if as_json:
+        print(json.dumps(s))
+    else:
+        print("\n".join(summary_lines(s)))

@@ -44,6 +44,8 @@ class FastEngine:
         ValueError: if parameters are tied or not in ``model``.
     """
 
+    kind = "fast"  # the name make_engine(kind=...) knows it by
+
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, params: Sequence[nn.Parameter] | None = None
     ):
