@@ -3,7 +3,7 @@
 Prints one JSON line per configuration; ratios against ``torch.optim.AdamW(foreach=True)`` are
 measured in the same run (these machines are noisy). Usage::
 
-    python benchmarks/bench_microadam.py [--device cpu] [--steps 30] [--dtype float32]
+    python benchmarks/bench_microadam.py [--device cpu] [--steps 30] [--dtype float32] [--cold]
 """
 
 from __future__ import annotations
@@ -69,8 +69,13 @@ def measure(
     dtype: torch.dtype,
     steps: int,
     warmup: int = 3,
+    cold: bool = False,
 ) -> dict:
-    """Median step time (ms), peak extra memory and state bytes of one optimizer."""
+    """Median step time (ms), peak extra memory and state bytes of one optimizer.
+
+    ``cold``: before every timed step, an untimed AdamW step over another copy of the shapes
+    sweeps the caches, as the forward and backward pass of a real training step would.
+    """
     gen = torch.Generator(device=device).manual_seed(0)
     params = [
         torch.randn(s, generator=gen, device=device).to(dtype).requires_grad_() for s in shapes
@@ -79,6 +84,12 @@ def measure(
         [torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes] for _ in range(4)
     ]
     opt = make(params)
+    sweeper = None
+    if cold:
+        others = [torch.randn_like(p).requires_grad_() for p in params]
+        for q, g in zip(others, grads[1]):
+            q.grad = g.clone()
+        sweeper = torch.optim.AdamW(others, lr=1e-3, foreach=True)
     times, cpu_times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -86,6 +97,8 @@ def measure(
     for i in range(warmup + steps):
         for p, g in zip(params, grads[i % len(grads)]):
             p.grad = g
+        if sweeper is not None:
+            sweeper.step()
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         opt.step()
@@ -105,6 +118,7 @@ def measure(
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),
+        "cold": cold,
         "shape": f"wrn16-4 ({len(shapes)} tensors, {numel} params)",
         "median_ms": round(statistics.median(times), 3),
         "min_ms": round(min(times), 3),
@@ -140,6 +154,9 @@ def main() -> None:
         "--repeats", type=int, default=1, help="alternate all configs this many times"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--cold", action="store_true", help="sweep the caches with another AdamW step before each"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +166,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in args.configs:
             results.setdefault(name, []).append(
-                measure(name, CONFIGS[name], shapes, device, dtype, args.steps)
+                measure(name, CONFIGS[name], shapes, device, dtype, args.steps, cold=args.cold)
             )
     baseline = results.get("adamw_foreach", [{"median_ms": float("nan"), "cpu_ms": float("nan")}])
     base = statistics.median(r["median_ms"] for r in baseline)
