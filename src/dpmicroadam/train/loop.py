@@ -129,6 +129,8 @@ class Trainer:
         self.ema = EMA(self.params, cfg.ema) if cfg.ema else None
         self.augment_rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "augment"))
         self.step = 0
+        self.step_seconds = 0.0  # time in training steps (no evaluation or checkpoints)
+        self.steps_timed = 0
         self.wall_before = 0.0
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         n_evals = 10
@@ -361,8 +363,11 @@ class Trainer:
         eps_now = self.mechanism.epsilon() if self.mechanism and self.step else 0.0
         try:
             while self.step < self.total_steps:
+                t0 = time.perf_counter()
                 with distributed.collective_errors(self.dist, f"step {self.step + 1}"):
                     stats = self._train_step()
+                self.step_seconds += time.perf_counter() - t0
+                self.steps_timed += 1
                 wall = self.wall_before + time.perf_counter() - start_time
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     last = self._log_eval(wall, stats)
@@ -426,11 +431,24 @@ class Trainer:
             "test_size": int(self.y_test.numel()),
             "parameters": n_params,
             "optimizer_state_bytes_per_param": state_bytes(self.optimizer) / max(1, n_params),
+            "optimizer_state_bytes": state_bytes(self.optimizer),
+            # measured in this process: after a resume, over the steps run since
+            "seconds_per_step": self.step_seconds / self.steps_timed if self.steps_timed else None,
+            "peak_memory_mb": _peak_memory_mb(self.device),
             "wall_seconds": round(wall, 2),
             "defaults_source": self.cfg.defaults_source,
             "out": str(self.out),
             "world_size": self.dist.world_size,
         }
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this run: CUDA's max allocated, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _dist_initialized() -> bool:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 SETTING_KEYS = (
+    "dataset",
+    "trainable",
     "optimizer",
     "target_epsilon",
     "clip_norm",
@@ -64,6 +66,7 @@ def summarize(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
         eps = [v for v in (_f(m["epsilon"]) for m in ok) if v is not None]
         rec = dict(zip(("tag", *SETTING_KEYS), key))
         rec.update(
+            settings=members[0].get("settings", ""),
             seeds=len(members),
             diverged=len(members) - len(ok),
             val=mean_std(val),
@@ -86,6 +89,38 @@ def best_by_validation(
         if r["optimizer"] not in best or r["val"][0] > best[r["optimizer"]]["val"][0]:
             best[r["optimizer"]] = r
     return best
+
+
+# A setting's name in a sweep file -> its column in the CSV, where they differ.
+COLUMN_OF = {"epsilon": "target_epsilon"}
+
+
+def best_matching(
+    records: list[dict[str, Any]], wanted: dict[str, Any], tag: str = "tune"
+) -> dict[str, Any] | None:
+    """The ``tag`` record with the best mean validation accuracy among those matching ``wanted``.
+
+    ``wanted`` maps setting names (``optimizer``, ``trainable``, ``epsilon``, ...) to values; a
+    record matches when each equals its column (numbers compared as numbers).
+    """
+    best = None
+    for r in records:
+        if r["tag"] != tag or r["val"][0] != r["val"][0]:
+            continue
+        if not all(_same(r.get(COLUMN_OF.get(k, k), ""), v) for k, v in wanted.items()):
+            continue
+        if best is None or r["val"][0] > best["val"][0]:
+            best = r
+    return best
+
+
+def _same(column: str, value: Any) -> bool:
+    if value is None:
+        return column in ("", None)
+    a, b = _f(column), _f(value) if not isinstance(value, bool) else None
+    if a is not None and b is not None:
+        return a == b
+    return str(column) == str(value)
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:

@@ -16,6 +16,12 @@ each block is a Cartesian product of its list-valued keys (scalars are fixed), a
 
 Finished runs (same settings) are skipped, an interrupted run resumes from its checkpoint, and one
 row per run is appended to ``results/<name>.csv``.
+
+A top-level ``command = "finetune"`` runs `dpmicroadam finetune` instead of `train` (the keys are
+then FinetuneConfig fields). A block may say which settings a ``"tuned"`` value must share with
+the tuning run it is taken from, e.g. ``tuned_by = ["optimizer", "trainable", "epsilon"]``
+(default: the optimizer only). ``--jobs N`` runs N runs of a block at once, each in a fresh
+process with its own threads, so each run's peak memory is its own.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from dpmicroadam.train.config import resolve_config
-from dpmicroadam.train.loop import CHECKPOINT, TrainingDiverged, train
+from dpmicroadam.train.loop import CHECKPOINT, Trainer, TrainingDiverged
 
 COLUMNS = [
     "run_id",
     "tag",
     "status",
+    "dataset",
+    "trainable",
     "optimizer",
     "target_epsilon",
     "epsilon",
@@ -61,7 +69,14 @@ COLUMNS = [
     "test_accuracy",
     "optimizer_state_bytes_per_param",
     "wall_seconds",
+    "trainable_parameters",
+    "train_size",
+    "optimizer_state_bytes",
+    "peak_memory_mb",
+    "seconds_per_step",
+    "settings",  # the run's settings as given (JSON): what "tuned" copies from a tuning run
 ]
+COMMANDS = ("train", "finetune")
 
 
 TUNABLE = ("lr", "momentum", "clip_norm", "density", "window_size", "lr_schedule")
@@ -69,17 +84,32 @@ TUNABLE = ("lr", "momentum", "clip_norm", "density", "window_size", "lr_schedule
 
 def load_sweep(path: str | Path) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     """Read a sweep file: (name, base settings, grid blocks) in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep file {str(path)!r} does not exist")
-    with path.open("rb") as fh:
-        spec = tomllib.load(fh)
-    name = spec.get("name", path.stem)
+    spec = _read_spec(path)
+    name = spec.get("name", Path(path).stem)
     base = {k.replace("-", "_"): v for k, v in spec.get("base", {}).items()}
     blocks = [{k.replace("-", "_"): v for k, v in b.items()} for b in spec.get("grid", [])]
     if not blocks:
         raise ValueError(f"{str(path)!r} has no [[grid]] block; add at least one")
     return name, base, blocks
+
+
+def _read_spec(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {str(path)!r} does not exist")
+    with path.open("rb") as fh:
+        try:
+            return tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"sweep file {str(path)!r} is not valid TOML: {err}") from None
+
+
+def sweep_command(path: str | Path) -> str:
+    """The command a sweep file runs: ``train`` (default) or ``finetune``."""
+    command = _read_spec(path).get("command", "train")
+    if command not in COMMANDS:
+        raise ValueError(f"{str(path)!r}: command = {command!r}; use one of {COMMANDS}")
+    return command
 
 
 def expand_block(
@@ -92,25 +122,35 @@ def expand_block(
     later blocks use what the tuning found, never the test split. Blocks whose tuned values are not
     known yet yield no runs.
     """
-    from dpmicroadam.train.report import best_by_validation, summarize
+    from dpmicroadam.train.report import best_matching, summarize
 
     block = dict(block)
     tag = str(block.pop("tag", "grid"))
+    tuned_by = block.pop("tuned_by", ["optimizer"])
+    if not isinstance(tuned_by, list) or not all(isinstance(k, str) for k in tuned_by):
+        raise ValueError(f"tuned_by must be a list of setting names, got {tuned_by!r}")
     keys = sorted(block)
     values = [v if isinstance(v, list) else [v] for v in (block[k] for k in keys)]
-    best = best_by_validation(summarize(rows)) if rows else {}
+    records = summarize(rows) if rows else []
     runs = []
     for combo in itertools.product(*values):
         settings = {**base, **dict(zip(keys, combo))}
         tuned = [k for k, v in settings.items() if v == "tuned"]
         if tuned:
-            rec = best.get(settings.get("optimizer", "dp-microadam"))
+            settings.setdefault("optimizer", "dp-microadam")
+            rec = best_matching(records, {k: settings.get(k) for k in tuned_by})
             if rec is None:
                 continue
+            given = json.loads(rec["settings"]) if rec.get("settings") else None
             for k in tuned:
                 if k not in TUNABLE:
                     raise ValueError(f"'tuned' is not allowed for {k!r}; only for {TUNABLE}")
-                settings[k] = _typed(rec[k])
+                if given is None:  # an older CSV without the settings column
+                    settings[k] = _typed(rec[k])
+                elif k in given:
+                    settings[k] = given[k]
+                else:  # the tuning run left it at its default: so does this run (same run id)
+                    del settings[k]
         runs.append((tag, settings))
     return runs
 
@@ -145,8 +185,18 @@ def run_sweep(
     *,
     limit: int | None = None,
     progress: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[dict[str, str]]:
-    """Run every missing run of a sweep, appending one CSV row per run; returns all rows."""
+    """Run every missing run of a sweep, appending one CSV row per run; returns all rows.
+
+    Args:
+        jobs: Runs at once (each in a fresh process); 1 runs them here, one after another.
+        threads: torch threads per run (default: the CPU count divided by ``jobs``).
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be an int >= 1, got {jobs!r}")
+    command = sweep_command(path)
     name, base, blocks = load_sweep(path)
     results_dir = Path(results_dir)
     runs_dir = results_dir / "runs" / name
@@ -164,16 +214,15 @@ def run_sweep(
             file=sys.stderr,
             flush=True,
         )
-        for i, (tag, settings) in enumerate(todo, 1):
-            if limit is not None and ran >= limit:
-                break
-            row = _run_one(tag, settings, runs_dir, progress)
+        if limit is not None:
+            todo = todo[: max(0, limit - ran)]
+        for i, row in enumerate(_execute(todo, runs_dir, command, progress, jobs, threads), 1):
             _append(csv_path, row)
             ran += 1
             print(
-                f"[{i}/{len(todo)}] {tag} {row['run_id']} {row['optimizer']} "
-                f"eps={row['target_epsilon']} C={row['clip_norm']} lr={row['lr']} "
-                f"density={row['density']} seed={row['seed']}: {row['status']} "
+                f"[{i}/{len(todo)}] {tag_of(row)} {row['run_id']} {row['optimizer']} "
+                f"{row['trainable'] or ''} eps={row['target_epsilon']} C={row['clip_norm']} "
+                f"lr={row['lr']} density={row['density']} seed={row['seed']}: {row['status']} "
                 f"val={row['val_accuracy']} test={row['test_accuracy']} ({row['wall_seconds']} s)",
                 file=sys.stderr,
                 flush=True,
@@ -185,16 +234,72 @@ def run_sweep(
     return rows
 
 
-def _run_one(tag: str, settings: dict[str, Any], runs_dir: Path, progress: bool) -> dict[str, Any]:
+def tag_of(row: dict[str, Any]) -> str:
+    return str(row["tag"])
+
+
+def _execute(
+    todo: list[tuple[str, dict[str, Any]]],
+    runs_dir: Path,
+    command: str,
+    progress: bool,
+    jobs: int,
+    threads: int | None,
+) -> Any:
+    """Yield one row per run, in the order they finish."""
+    if jobs == 1 or len(todo) <= 1:
+        for tag, settings in todo:
+            yield _run_one(tag, settings, runs_dir, progress, command, threads)
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    per_run = threads or max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = [
+            pool.submit(_run_one, tag, settings, runs_dir, False, command, per_run)
+            for tag, settings in todo
+        ]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _run_one(
+    tag: str,
+    settings: dict[str, Any],
+    runs_dir: Path,
+    progress: bool,
+    command: str = "train",
+    threads: int | None = None,
+) -> dict[str, Any]:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     rid = run_id(settings)
     out = runs_dir / rid
     if (out / "summary.json").exists():
         return _row(rid, tag, "ok", settings, json.loads((out / "summary.json").read_text()))
     resume = (out / CHECKPOINT).exists()
-    cfg = resolve_config({**settings, "out": str(out), "resume": resume, "progress": progress})
+    given = {**settings, "out": str(out), "resume": resume, "progress": progress}
+    if command == "finetune":
+        from dpmicroadam.train.finetune import FinetuneTrainer, resolve_finetune_config
+
+        cfg = resolve_finetune_config(given)
+        run = FinetuneTrainer(cfg).run
+    else:
+        cfg = resolve_config(given)
+        run = Trainer(cfg).run
     start = time.perf_counter()
     try:
-        return _row(rid, tag, "ok", settings, train(cfg))
+        return _row(rid, tag, "ok", settings, run())
     except TrainingDiverged:
         summary = {"optimizer": cfg.optimizer, "wall_seconds": time.perf_counter() - start}
         return _row(rid, tag, "diverged", settings, summary)
@@ -206,8 +311,11 @@ def _row(
     merged = {**settings, **{k: v for k, v in summary.items() if v is not None}}
     row = {c: merged.get(c, "") for c in COLUMNS}
     row.update(run_id=rid, tag=tag, status=status)
+    row["settings"] = json.dumps(settings, sort_keys=True, default=str)
     row["target_epsilon"] = summary.get("target_epsilon", settings.get("epsilon", ""))
-    for key in ("val_accuracy", "test_accuracy", "epsilon", "wall_seconds"):
+    if row["train_size"] == "" and "train_size" in summary:
+        row["train_size"] = summary["train_size"]
+    for key in ("val_accuracy", "test_accuracy", "epsilon", "wall_seconds", "seconds_per_step"):
         v = row.get(key)
         if isinstance(v, float):
             row[key] = round(v, 5) if math.isfinite(v) else ""
@@ -216,6 +324,17 @@ def _row(
 
 def _append(csv_path: Path, row: dict[str, Any]) -> None:
     new = not csv_path.exists()
+    if not new:
+        with csv_path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != COLUMNS:  # an older file: rewrite it once with the current columns
+            old = read_rows(csv_path)
+            tmp = csv_path.with_name(csv_path.name + ".tmp")
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows({c: r.get(c, "") for c in COLUMNS} for r in old)
+            tmp.replace(csv_path)
     with csv_path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         if new:
@@ -230,6 +349,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="run at most this many missing runs, then stop")
     p.add_argument("--progress", action="store_true", help="show each run's progress bar")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plots")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: CPUs / jobs)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -242,5 +363,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             read_rows(Path(args.results_dir) / f"{name}.csv"), Path(args.results_dir), name
         )
         return 0
-    run_sweep(args.config, args.results_dir, limit=args.limit, progress=args.progress)
+    run_sweep(
+        args.config,
+        args.results_dir,
+        limit=args.limit,
+        progress=args.progress,
+        jobs=args.jobs,
+        threads=args.threads,
+    )
     return 0
