@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpmicroadam.accounting.audit import (
+from dpmicroadam.accounting.lower_bound import (
     audit_p_value,
     epsilon_lower_bound,
     max_epsilon_lower_bound,
@@ -157,7 +157,7 @@ def test_negative_epsilon_and_bad_r_are_refused():
 
 
 def test_guesses_count_correct_in_and_out_calls():
-    from dpmicroadam.train.audit import guess_and_bound
+    from dpmicroadam.audit import guess_and_bound
 
     scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
     truth = np.array([True, False, True, False, True, False])
@@ -169,7 +169,7 @@ def test_guesses_count_correct_in_and_out_calls():
 
 
 def test_perfect_separation_reaches_the_bonferroni_corrected_best_bound():
-    from dpmicroadam.train.audit import guess_and_bound
+    from dpmicroadam.audit import guess_and_bound
 
     rng = np.random.default_rng(1)
     truth = rng.random(1000) < 0.5
@@ -197,7 +197,7 @@ def test_perfect_separation_reaches_the_bonferroni_corrected_best_bound():
 def test_detrended_score_removes_a_slow_drift_but_keeps_spikes():
     import torch
 
-    from dpmicroadam.train.audit import white_box_scores
+    from dpmicroadam.audit import white_box_scores
 
     steps, m = 200, 6
     t = torch.arange(steps, dtype=torch.float64)[:, None]
@@ -234,14 +234,13 @@ AUDIT_RUN = dict(
 
 
 def _audit(tmp_path, name, audit_kw=None, break_noise=False, **kw):
-    from dpmicroadam.train.audit import AuditConfig, Auditor
-    from dpmicroadam.train.config import resolve_config
+    from dpmicroadam.audit import Auditor, resolve_audit_config
 
-    cfg = resolve_config({**AUDIT_RUN, "out": str(tmp_path / name), **kw})
-    auditor = Auditor(cfg, AuditConfig(**(audit_kw or {})))
+    cfg = resolve_audit_config({**AUDIT_RUN, "out": str(tmp_path / name), **kw, **(audit_kw or {})})
+    auditor = Auditor(cfg)
     if break_noise:
         # A bug that forgets the noise: the config (and so the accountant) still claims σ.
-        auditor.trainer.mechanism.gradient.noise_multiplier = 0.0
+        auditor.training.mechanism.gradient.noise_multiplier = 0.0
     return auditor.run()
 
 

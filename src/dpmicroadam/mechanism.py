@@ -21,7 +21,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -29,9 +29,17 @@ from torch import nn
 
 from dpmicroadam.accounting import Accountant, calibrate_noise_multiplier, check_delta
 from dpmicroadam.data.sampler import PoissonSampler
-from dpmicroadam.privacy import PrivateGradient, check_per_example_safe, make_engine
+from dpmicroadam.privacy import PrivateGradient, make_engine
+from dpmicroadam.privacy.clip import check_augmult, check_clip_norm, check_noise_multiplier
+from dpmicroadam.privacy.per_example import clip_and_sum
 
-__all__ = ["DPConfig", "DPMechanism", "NonFiniteGradientError", "derive_seed"]
+__all__ = [
+    "DPConfig",
+    "DPMechanism",
+    "NonFiniteGradientError",
+    "check_privacy_settings",
+    "derive_seed",
+]
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -45,6 +53,41 @@ def derive_seed(seed: int, purpose: str) -> int:
     """
     digest = hashlib.sha256(f"dpmicroadam:{seed}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def check_privacy_settings(
+    clip_norm: object,
+    augmult: object,
+    noise_multiplier: object | None,
+    target_epsilon: object | None,
+    target_delta: object,
+) -> tuple[float, int, float | None]:
+    """The rules on C, K, σ, ε and δ of :class:`DPConfig`, in one place.
+
+    ``dpmicroadam train`` calls it when it resolves its flags (before any data is loaded); the
+    per-example engines and the release trust values that passed it.
+
+    Returns:
+        ``(clip_norm, augmult, noise_multiplier)`` as checked.
+
+    Raises:
+        ValueError: Naming the setting and the accepted range.
+    """
+    c = check_clip_norm(clip_norm)
+    k = check_augmult(augmult)
+    if not isinstance(target_delta, int | float) or not 0 < target_delta < 1:
+        raise ValueError(f"target_delta must be in (0, 1), got {target_delta!r}")
+    if target_epsilon is not None and not (
+        isinstance(target_epsilon, int | float) and 0 < target_epsilon < math.inf
+    ):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    sigma = None if noise_multiplier is None else check_noise_multiplier(noise_multiplier)
+    if sigma is not None and math.isinf(c) and sigma > 0:
+        raise ValueError(
+            f"clip_norm=inf with noise_multiplier={sigma:g}: unclipped gradients have unbounded "
+            "sensitivity; set a finite clip_norm"
+        )
+    return c, k, sigma
 
 
 @dataclass
@@ -70,9 +113,9 @@ class DPConfig:
     normalize: str = "expected"
     secure_noise: bool = False
     engine: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Every check of clip_norm, augmult, σ and q lives here; the engines trust these values."""
         if not isinstance(self.dataset_size, int) or self.dataset_size < 1:
             raise ValueError(f"dataset_size must be a positive int, got {self.dataset_size!r}")
         if (self.expected_batch_size is None) == (self.sample_rate is None):
@@ -91,12 +134,6 @@ class DPConfig:
             if not 0 < self.sample_rate <= 1:
                 raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
             self.expected_batch_size = self.sample_rate * self.dataset_size
-        if not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 (may be inf), got {self.clip_norm!r}")
-        if not 0 < self.target_delta < 1:
-            raise ValueError(f"target_delta must be in (0, 1), got {self.target_delta!r}")
-        if self.augmult < 1:
-            raise ValueError(f"augmult must be >= 1, got {self.augmult!r}")
         if self.physical_batch_size < 1:
             raise ValueError(f"physical_batch_size must be >= 1, got {self.physical_batch_size!r}")
         if self.normalize not in ("expected", "realized"):
@@ -106,9 +143,11 @@ class DPConfig:
                 "give exactly one of noise_multiplier or target_epsilon, got "
                 f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}"
             )
+        self.clip_norm, self.augmult, _ = check_privacy_settings(
+            self.clip_norm, self.augmult, self.noise_multiplier, self.target_epsilon,
+            self.target_delta,
+        )  # fmt: skip
         if self.target_epsilon is not None:
-            if not self.target_epsilon > 0:
-                raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon!r}")
             if self.steps is None or self.steps < 1:
                 raise ValueError(
                     f"target_epsilon needs the number of steps to calibrate σ, got steps={self.steps!r}"
@@ -120,8 +159,9 @@ class DPConfig:
                 self.steps,
                 accountant=self.accountant,
             )
-        elif self.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        _, _, self.noise_multiplier = check_privacy_settings(
+            self.clip_norm, self.augmult, self.noise_multiplier, None, self.target_delta
+        )
         check_delta(self.target_delta, self.dataset_size)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,7 +176,7 @@ class DPMechanism:
         model: The model; every parameter with ``requires_grad`` is trained privately. Modules
             that mix examples (BatchNorm) are refused.
         loss_fn: ``loss_fn(outputs, targets)`` returning per-row losses (``reduction="none"``).
-        process_group: For data-parallel training (``dpmicroadam.train.distributed``): every rank
+        process_group: For data-parallel training (``dpmicroadam.distributed``): every rank
             draws the same batch from :meth:`sample`, passes only its share to :meth:`privatize`;
             the clipped sums are all-reduced and every rank adds the same noise draw (one draw of
             std σC per step, identical seeds), so the release is identical on every rank.
@@ -160,7 +200,6 @@ class DPMechanism:
     ) -> None:
         self.config = config
         self.model = model
-        check_per_example_safe(model)
         self.engine = make_engine(model, loss_fn, kind=config.engine)
         self.params: list[nn.Parameter] = list(self.engine.params)
         if not self.params:
@@ -294,12 +333,39 @@ class DPMechanism:
             raise ValueError(
                 f"the ranks passed {self.gradient.count} examples in total but sample() drew "
                 f"{self._pending}: each rank must pass only its share "
-                "(dpmicroadam.train.distributed.shard(idx, rank, world_size))"
+                "(dpmicroadam.distributed.shard(idx, rank, world_size))"
             )
         stats = self.gradient.release()
         self.accountant.step()
         self._pending = None
         return {"batch_size": stats.realized_batch_size, "clipped_fraction": clipped / max(n, 1)}
+
+    def inject_gradients(self, per_example_grads: Sequence[torch.Tensor]) -> None:
+        """Add extra examples, given by their gradients, to the pending release (auditing).
+
+        The gradients ``(b, *p.shape)`` (one tensor per trainable parameter) are flat-clipped at
+        C here, like the batch's, so each extra example moves the release by at most C/B: the
+        sensitivity bound holds whatever is passed. Their count does not enter the release
+        (``normalize="expected"`` only). Call between :meth:`sample` and :meth:`privatize`.
+
+        Raises:
+            RuntimeError: Outside a pending step.
+            ValueError: With ``normalize="realized"``, or a wrong number of tensors.
+        """
+        if self._pending is None:
+            raise RuntimeError("inject_gradients() needs a pending step: call sample() first")
+        if self.config.normalize != "expected":
+            raise ValueError(
+                "inject_gradients() needs normalize='expected': with 'realized' the extra "
+                "examples would change the divisor, which is not the analysed release"
+            )
+        if len(per_example_grads) != len(self.params):
+            raise ValueError(
+                f"got {len(per_example_grads)} gradient tensors for {len(self.params)} trainable "
+                "parameters; pass one (b, *shape) tensor per parameter"
+            )
+        sums, _ = clip_and_sum(list(per_example_grads), self.config.clip_norm)
+        self.gradient.accumulate(sums, 0)
 
     def _reduce_across_ranks(self) -> None:
         """Data-parallel training: all-reduce the clipped sums (and counts) before the noise."""

@@ -8,14 +8,14 @@
 
 from dpmicroadam.accounting._validate import ACCOUNTANTS
 from dpmicroadam.accounting.accountant import Accountant
-from dpmicroadam.accounting.analysis import epsilon
-from dpmicroadam.accounting.audit import (
+from dpmicroadam.accounting.calibration import calibrate_noise_multiplier
+from dpmicroadam.accounting.delta import PrivacyWarning, check_delta
+from dpmicroadam.accounting.epsilon import epsilon
+from dpmicroadam.accounting.lower_bound import (
     audit_p_value,
     epsilon_lower_bound,
     max_epsilon_lower_bound,
 )
-from dpmicroadam.accounting.calibration import calibrate_noise_multiplier
-from dpmicroadam.accounting.delta import PrivacyWarning, check_delta
 
 __all__ = [
     "audit_p_value",

@@ -55,7 +55,7 @@ def check_steps(steps: object, name: str = "steps") -> int:
     return steps
 
 
-def check_delta(delta: object, name: str = "delta") -> float:
+def check_delta_range(delta: object, name: str = "delta") -> float:
     d = _real(name, delta)
     if not 0.0 < d < 1.0:
         raise ValueError(

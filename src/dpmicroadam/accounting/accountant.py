@@ -6,12 +6,12 @@ from typing import Any
 
 from dpmicroadam.accounting._validate import (
     check_accountant,
-    check_delta,
+    check_delta_range,
     check_noise_multiplier,
     check_sample_rate,
     check_steps,
 )
-from dpmicroadam.accounting.analysis import _epsilon
+from dpmicroadam.accounting.epsilon import _epsilon
 
 
 class Accountant:
@@ -54,7 +54,7 @@ class Accountant:
 
     def epsilon(self, delta: float) -> float:
         """ε spent by the steps recorded so far, at the given δ in (0, 1)."""
-        d = check_delta(delta)
+        d = check_delta_range(delta)
         if self._last is not None and self._last[:2] == (self._steps, d):
             return self._last[2]
         eps = _epsilon(self.noise_multiplier, self.sample_rate, self._steps, d, self.accountant)

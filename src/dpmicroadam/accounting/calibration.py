@@ -7,12 +7,12 @@ import math
 
 from dpmicroadam.accounting._validate import (
     check_accountant,
-    check_delta,
+    check_delta_range,
     check_epsilon,
     check_sample_rate,
     check_steps,
 )
-from dpmicroadam.accounting.analysis import _epsilon
+from dpmicroadam.accounting.epsilon import _epsilon
 
 MAX_NOISE_MULTIPLIER = 1e3
 """Default upper end of the search. The noise in the released (averaged) gradient has norm
@@ -67,7 +67,7 @@ def calibrate_noise_multiplier(
             the budget.
     """
     eps_target = check_epsilon(target_epsilon, "target_epsilon")
-    delta = check_delta(target_delta, "target_delta")
+    delta = check_delta_range(target_delta, "target_delta")
     q = check_sample_rate(sample_rate)
     t = check_steps(steps)
     kind = check_accountant(accountant)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from dpmicroadam.accounting._validate import check_delta as _validate_delta
+from dpmicroadam.accounting._validate import check_delta_range as _validate_delta
 
 
 class PrivacyWarning(UserWarning):

@@ -234,18 +234,20 @@ def split_validation(
     Args:
         x: Training inputs, N x ...
         y: Training labels, N.
-        fraction: Share of the N examples that goes to validation, in (0, 1); the count is
-            ``round(fraction * N)``, clamped to [1, N - 1].
+        fraction: Share of the N examples that goes to validation, in [0, 1); the count is
+            ``round(fraction * N)``, clamped to [1, N - 1]. 0 returns an empty validation split.
         seed: Seed of the private ``torch.Generator`` that draws the permutation.
 
     Returns:
         ``(x_train, y_train, x_val, y_val)``.
 
     Raises:
-        ValueError: if ``fraction`` is not in (0, 1), N < 2, or x and y disagree in length.
+        ValueError: if ``fraction`` is not in [0, 1), N < 2, or x and y disagree in length.
     """
-    if not 0.0 < float(fraction) < 1.0:
-        raise ValueError(f"fraction={fraction!r} must be in (0, 1), e.g. 0.1")
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"fraction={fraction!r} must be in [0, 1), e.g. 0.1")
+    if float(fraction) == 0.0:
+        return x, y, x[:0], y[:0]
     n = x.shape[0]
     if y.shape[0] != n:
         raise ValueError(f"x has {n} examples but y has {y.shape[0]}; pass matching tensors")

@@ -30,6 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+# The dropout modules of torch.nn (their common base class is private).
+DROPOUT_TYPES = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)  # fmt: skip
+
 __all__ = [
     "HFSequenceClassifier",
     "disable_dropout",
@@ -60,7 +65,7 @@ def disable_dropout(model: nn.Module) -> list[str]:
     """
     changed = []
     for path, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+        if isinstance(module, DROPOUT_TYPES) and module.p > 0:
             module.p = 0.0
             changed.append(path)
     return changed

@@ -75,17 +75,15 @@ class BlockLayout:
         """int64 offset of the block of every stored column: global = local + offset (cached)."""
         return _column_offsets(self, torch.device(device))
 
-    def _offsets(self, device: torch.device) -> Tensor:
-        cols = torch.arange(self.k_total, device=device)
-        offsets = torch.div(cols, max(self.k_full, 1), rounding_mode="floor") * self.block_size
-        if self.k_tail:
-            offsets[self.n_full * self.k_full :] = self.n_full * self.block_size
-        return offsets
 
 
 @functools.lru_cache(maxsize=1024)
 def _column_offsets(layout: BlockLayout, device: torch.device) -> Tensor:
-    return layout._offsets(device)
+    cols = torch.arange(layout.k_total, device=device)
+    offsets = torch.div(cols, max(layout.k_full, 1), rounding_mode="floor") * layout.block_size
+    if layout.k_tail:
+        offsets[layout.n_full * layout.k_full :] = layout.n_full * layout.block_size
+    return offsets
 
 
 @functools.lru_cache(maxsize=4096)

@@ -12,6 +12,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+# The dropout modules of torch.nn (their common base class is private).
+DROPOUT_TYPES = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)  # fmt: skip
+
 __all__ = ["check_per_example_safe", "find_unsafe_modules", "find_active_randomness"]
 
 _FIX = (
@@ -78,6 +83,6 @@ def find_active_randomness(model: nn.Module) -> list[tuple[str, str]]:
     """
     found = []
     for path, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+        if isinstance(module, DROPOUT_TYPES) and module.training and module.p > 0:
             found.append((path or "<root>", type(module).__name__))
     return found

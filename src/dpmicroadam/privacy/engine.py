@@ -9,7 +9,6 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .checks import check_per_example_safe
 from .per_example import Inputs, LossFn, VmapEngine
 
 __all__ = ["ClippedSumEngine", "make_engine", "ENGINE_KINDS"]
@@ -59,7 +58,7 @@ def make_engine(
     """Build the engine that computes clipped per-example gradient sums.
 
     Args:
-        model: The model, checked here with ``check_per_example_safe`` whatever the kind.
+        model: The model (each engine refuses unsafe models, e.g. BatchNorm, when built).
         loss_fn: ``loss_fn(outputs, targets)`` returning per-row losses (reduction="none").
         kind: ``"vmap"`` (torch.func reference), ``"fast"`` (hooks engine, if installed), or
             ``"auto"``: fast when its module is present and ``fast.supports(model)`` says
@@ -75,7 +74,6 @@ def make_engine(
     """
     if kind not in ENGINE_KINDS:
         raise ValueError(f"kind must be one of {ENGINE_KINDS}, got {kind!r}")
-    check_per_example_safe(model)
     if kind == "vmap":
         return VmapEngine(model, loss_fn, params)
     fast = _fast_module()

@@ -15,7 +15,6 @@ makes it the slow, simple ground truth the fast engine is tested against.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,14 +23,15 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .checks import check_per_example_safe, find_active_randomness
+from .clip import clip_factors
 
-__all__ = ["VmapEngine", "Inputs", "LossFn", "select_trainable", "clip_and_sum"]
+__all__ = ["VmapEngine", "Inputs", "LossFn", "trainable_parameters", "clip_and_sum"]
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 Inputs = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
 
-def select_trainable(
+def trainable_parameters(
     model: nn.Module, params: Iterable[nn.Parameter] | None = None
 ) -> tuple[list[str], list[nn.Parameter]]:
     """Names and parameters whose per-example gradients are computed.
@@ -128,27 +128,13 @@ def clip_and_sum(
     for g in grads:
         sq = sq + g.reshape(b, -1).to(dtype).pow(2).sum(dim=1)
     norms = sq.sqrt()
-    if math.isinf(clip_norm):
-        factor = torch.ones_like(norms)
-    else:
-        # A zero gradient contributes zero whatever its factor; the clamp only avoids 0/0.
-        factor = (clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
+    factor = clip_factors(norms, clip_norm)
     sums = [torch.einsum("b,b...->...", factor.to(g.dtype), g) for g in grads]
     return sums, norms
 
 
-def validate_clip_norm(clip_norm: float) -> float:
-    """Return ``clip_norm`` as a float, or raise ValueError if it is not > 0."""
-    c = float(clip_norm)
-    if math.isnan(c) or c <= 0:
-        raise ValueError(f"clip_norm must be > 0 (or inf for no clipping), got {clip_norm!r}")
-    return c
-
-
 def validate_views(inputs: Inputs, augmult: int) -> int:
-    """Check the (b, K, ...) layout for augmult K and return the batch size b."""
-    if isinstance(augmult, bool) or not isinstance(augmult, int) or augmult < 1:
-        raise ValueError(f"augmult must be an int >= 1, got {augmult!r}")
+    """Check the (b, K, ...) layout for augmult K (checked by DPConfig) and return b."""
     b = batch_size_of(inputs)
     if augmult > 1:
         bad = [tuple(t.shape) for t in _leaves(inputs) if t.dim() < 2 or t.shape[1] != augmult]
@@ -192,7 +178,7 @@ class VmapEngine:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.model = model
         self.loss_fn = loss_fn
-        self.names, self.params = select_trainable(model, params)
+        self.names, self.params = trainable_parameters(model, params)
 
     def _constants(self) -> dict[str, torch.Tensor]:
         # Parameters not differentiated enter detached, so no autograd graph reaches them.
@@ -271,7 +257,6 @@ class VmapEngine:
             ``(sums, norms)``: ``sums[j]`` shaped like ``self.params[j]`` (zeros for an empty
             micro-batch), ``norms`` (b,) the un-clipped per-example norms.
         """
-        clip_norm = validate_clip_norm(clip_norm)
         grads = self.per_example_grads(inputs, targets, augmult)
         if grads[0].shape[0] == 0:
             zeros = [

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .clip import check_clip_norm, check_noise_multiplier
 from .noise import GaussianNoise
 
 __all__ = ["PrivateGradient", "ReleaseStats", "NORMALIZE_MODES"]
@@ -84,10 +85,8 @@ class PrivateGradient:
         self.params = list(params)
         if not self.params:
             raise ValueError("params is empty; pass the parameters that receive the gradient")
-        self.clip_norm = _check(clip_norm, "clip_norm", lambda v: v > 0, "> 0")
-        self.noise_multiplier = _check(
-            noise_multiplier, "noise_multiplier", lambda v: 0 <= v < math.inf, ">= 0 and finite"
-        )
+        self.clip_norm = check_clip_norm(clip_norm)
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
         self.expected_batch_size = _check(
             expected_batch_size, "expected_batch_size", lambda v: 0 < v < math.inf, "> 0"
         )

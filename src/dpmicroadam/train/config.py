@@ -1,15 +1,23 @@
-"""The resolved configuration of a training run: defaults < tuned defaults < TOML < flags."""
+"""The resolved configuration of a run: defaults < tuned defaults < recipe < TOML < flags.
+
+Every field carries its flag's help text (and its choices) in the dataclass metadata: the command
+line, the TOML checks and the docs are built from these fields, so a setting is declared once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from dpmicroadam.mechanism import check_privacy_settings
 from dpmicroadam.train.defaults import tuned_defaults
 
 PRIVATE_OPTIMIZERS = ("dp-microadam", "dp-sgd", "dp-adam", "dp-adambc")
@@ -20,57 +28,92 @@ MODELS = ("mlp", "cnn", "wrn16-4")
 LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
 ACCOUNTANTS = ("pld", "rdp")
 ENGINES = ("auto", "vmap", "fast")
+NORMALIZE = ("expected", "realized")
 
 # Fields that do not change what a run computes: they may differ on --resume.
 RUNTIME_FIELDS = ("out", "resume", "json", "progress", "config", "recipe")
+
+
+def setting(default: Any = None, help: str = "", **meta: Any) -> Any:
+    """A config field with its command-line metadata.
+
+    Args:
+        default: The field's default (a list default is copied per instance).
+        help: The flag's help text.
+        **meta: ``choices`` (closed set of values), ``flag`` (a flag name other than the field's
+            name with dashes), ``cli=False`` (not a flag), ``metavar``.
+    """
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class TrainConfig:
     """Every knob of `dpmicroadam train` (names from SPEC.md; flags are the same with dashes)."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    model: str | None = None
-    optimizer: str = "dp-microadam"
-    epsilon: float | None = 8.0
-    delta: float = 1e-5
-    noise_multiplier: float | None = None
-    accountant: str = "pld"
-    epochs: float | None = None
-    steps: int | None = None
-    batch_size: float | None = None
-    physical_batch_size: int | None = None
-    clip_norm: float | None = None
-    lr: float | None = None
-    lr_schedule: str = "constant"
-    warmup_fraction: float = 0.05
-    momentum: float | None = None
-    weight_decay: float = 0.0
-    window_size: int | None = None
-    density: float | None = None
-    density_1d: float | None = None
-    ef_bits: int | str | None = 4  # 4, 8, or "none" (exact fp32 error feedback)
-    adambc_gamma: float = 1e-9
-    augmult: int = 1
-    ema: float | None = None
-    seed: int = 0
-    val_fraction: float = 0.1
-    eval_every: int | None = None
-    checkpoint_every: int | None = None
-    engine: str = "auto"
-    normalize: str = "expected"
-    secure_noise: bool = False
-    log_train_loss: bool = False
-    device: str = "cpu"
-    out: str | None = None
-    resume: bool = False
-    json: bool = False
-    progress: bool = True
-    config: str | None = None
-    recipe: str | None = None
-    defaults_source: dict[str, str] = field(default_factory=dict)
+    config: str | None = setting(None, "TOML file with any of these settings (flags win)")
+    recipe: str | None = setting(None, "a shipped recipe, e.g. cifar10-wrn16-4")
+    dataset: str = setting("digits", f"one of {', '.join(DATASETS)}")
+    data_dir: str | None = setting(None, "folder with the dataset files")
+    download: bool = setting(False, "download the dataset (with checksum) when it is missing")
+    model: str | None = setting(None, "model (default by dataset)", choices=MODELS)
+    optimizer: str = setting("dp-microadam", "the optimizer; dp-* are private", choices=OPTIMIZERS)
+    epsilon: float | None = setting(8.0, "target ε; σ is calibrated so ε spent ≤ target")
+    delta: float = setting(1e-5, "target δ")
+    noise_multiplier: float | None = setting(None, "σ, instead of --epsilon")
+    accountant: str = setting("pld", "privacy accountant", choices=ACCOUNTANTS)
+    epochs: float | None = setting(None, "training length in epochs (expected passes over the data)")
+    steps: int | None = setting(None, "training length in optimizer steps (instead of --epochs)")
+    batch_size: float | None = setting(None, "expected (logical) batch size B = q·N")
+    physical_batch_size: int | None = setting(None, "examples per forward/backward (memory only)")
+    clip_norm: float | None = setting(None, "per-example clipping threshold C")
+    lr: float | None = setting(None, "learning rate")
+    lr_schedule: str = setting("constant", "learning-rate schedule", choices=LR_SCHEDULES)
+    warmup_fraction: float = setting(0.05, "share of the steps in warm-up (warmup-cosine)")
+    momentum: float | None = setting(None, "SGD momentum, in [0, 1)")
+    weight_decay: float = setting(0.0, "decoupled weight decay")
+    window_size: int | None = setting(None, "MicroAdam window m")
+    density: float | None = setting(None, "MicroAdam top-k density k/d")
+    density_1d: float | None = setting(None, "MicroAdam density for 1-D tensors (biases, norms)")
+    ef_bits: int | str | None = setting(4, "MicroAdam error-feedback bits: 4, 8 or none (exact)")
+    adambc_gamma: float = setting(1e-9, "DP-AdamBC floor γ of the corrected second moment")
+    augmult: int = setting(1, "augmented views per example K (averaged before clipping)")
+    ema: float | None = setting(None, "EMA decay of the weights used for evaluation")
+    seed: int = setting(0, "seed of every random stream of the run")
+    val_fraction: float = setting(0.1, "fraction of the training data held out for validation")
+    eval_every: int | None = setting(None, "evaluate every N steps")
+    checkpoint_every: int | None = setting(None, "checkpoint every N steps")
+    engine: str = setting("auto", "per-example gradient engine", choices=ENGINES)
+    normalize: str = setting("expected", "divide the noisy sum by the expected or the realized "
+                             "batch size", choices=NORMALIZE)  # fmt: skip
+    secure_noise: bool = setting(False, "seed the noise from OS entropy (not reproducible)")
+    log_train_loss: bool = setting(False, "log the training loss (private data: not a private "
+                                   "output)")  # fmt: skip
+    device: str = setting("cpu", "cpu, cuda, cuda:1, ...")
+    out: str | None = setting(None, "output folder (default runs/<time>-<dataset>-<optimizer>-s<seed>)")
+    resume: bool = setting(False, "continue the run in --out from its last checkpoint")
+    json: bool = setting(False, "print the summary as one JSON object on stdout, nothing else")
+    progress: bool = setting(True, "show the progress bar")
+    defaults_source: dict[str, str] = setting({}, cli=False)
+
+    # Base defaults, used where neither the user nor a tuned default sets a value.
+    BASE_DEFAULTS: typing.ClassVar[dict[str, Any]] = {
+        "clip_norm": 1.0,
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "window_size": 10,
+        "density": 0.01,
+        "batch_size": 256,
+        "physical_batch_size": 256,
+        "epochs": 10,
+    }
+    DEFAULT_MODEL: typing.ClassVar[dict[str, str]] = {
+        "digits": "mlp",
+        "fashion-mnist": "cnn",
+        "mnist": "cnn",
+        "cifar10": "wrn16-4",
+    }
 
     # ------------------------------------------------------------------ derived
     @property
@@ -87,28 +130,59 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # ------------------------------------------------------------------ resolution steps
+    def tuned(self) -> tuple[dict[str, Any], str]:
+        """Defaults found by a validation search for this dataset and optimizer, and their source."""
+        return tuned_defaults(self.dataset, self.optimizer)
 
-BASE_DEFAULTS: dict[str, Any] = {
-    "clip_norm": 1.0,
-    "lr": 1e-3,
-    "momentum": 0.0,
-    "window_size": 10,
-    "density": 0.01,
-    "batch_size": 256,
-    "physical_batch_size": 256,
-    "epochs": 10,
-}
-DEFAULT_MODEL = {"digits": "mlp", "fashion-mnist": "cnn", "mnist": "cnn", "cifar10": "wrn16-4"}
+    def check_names(self) -> None:
+        """Check the names (dataset, model, optimizer, ...) before defaults are filled in."""
+        _validate_names(self)
+
+    def fill_defaults(self, user_set: set[str]) -> None:
+        """Fill what the user left unset: tuned defaults, then base defaults (with sources)."""
+        if self.model is None:
+            self.model = self.DEFAULT_MODEL.get(self.dataset, "mlp")
+        tuned, source = self.tuned()
+        for key in set(self.BASE_DEFAULTS) | set(tuned):
+            if getattr(self, key, None) is None and key not in user_set:
+                if key in tuned:
+                    setattr(self, key, tuned[key])
+                    self.defaults_source[key] = source
+                elif key in self.BASE_DEFAULTS:
+                    setattr(self, key, self.BASE_DEFAULTS[key])
+                    self.defaults_source[key] = "built-in default"
+        if self.steps is not None:
+            self.epochs = None
+        if isinstance(self.ef_bits, str):
+            raw = self.ef_bits.lower()
+            if raw not in ("4", "8", "none", "exact"):
+                raise ValueError(f"--ef-bits must be 4, 8 or none, got {self.ef_bits!r}")
+            self.ef_bits = None if raw in ("none", "exact") else int(raw)
+
+    def validate(self) -> None:
+        """Check the values; raise ValueError naming the flag and a fix."""
+        _validate_values(self)
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config (keys as flag names, dashes or underscores) into field names."""
+C = TypeVar("C", bound=TrainConfig)
+
+
+def load_toml(path: str | Path, table: str = "train") -> dict[str, Any]:
+    """Read a TOML config (keys as flag names, dashes or underscores) into field names.
+
+    A ``[train]`` (or ``[<table>]``) table is used when present, else the top-level keys.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     with path.open("rb") as fh:
-        raw = tomllib.load(fh)
-    raw = raw.get("train", raw)
+        try:
+            raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    if isinstance(raw.get(table), dict):
+        raw = raw[table]
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
@@ -121,52 +195,99 @@ def recipe_path(name: str) -> Path:
     return Path(str(root / f"{name}.toml"))
 
 
-def resolve_config(overrides: dict[str, Any] | None = None) -> TrainConfig:
+def field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Each field's accepted Python types (``None`` as ``type(None)``), from the annotations."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[type, ...]] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        out[f.name] = tuple(typing.get_origin(m) or m for m in members)
+    return out
+
+
+def check_types(cls: type, values: dict[str, Any], where: str) -> None:
+    """Raise ValueError when a value has the wrong type for its field (TOML, Python keywords).
+
+    An int is accepted for a float field; a bool is never taken for a number; a string is never
+    taken for a switch (``"false"`` would otherwise count as true).
+    """
+    kinds = field_types(cls)
+    for key, value in values.items():
+        accepted = kinds.get(key)
+        if accepted is None or value is None:
+            continue
+        if isinstance(value, bool):
+            ok = bool in accepted
+        elif isinstance(value, int):
+            ok = int in accepted or float in accepted
+        elif isinstance(value, float):
+            ok = float in accepted
+        else:
+            ok = isinstance(value, tuple(t for t in accepted if t is not type(None)))
+        if ok and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in accepted)
+            raise ValueError(
+                f"{where}: {key} = {value!r} has the wrong type; {key} takes {names}"
+            )
+
+
+_TYPE_NAMES = {
+    float: "a number",
+    int: "an integer",
+    bool: "true or false",
+    str: "a string",
+    list: "a list of strings",
+    dict: "a table",
+    type(None): "nothing (unset)",
+}
+
+
+def resolve_config(overrides: dict[str, Any] | None = None, cls: type[C] = TrainConfig) -> C:
     """Resolve a run's config: base defaults < tuned defaults < recipe < TOML < ``overrides``.
 
-    ``overrides`` holds only the values a user set (flags or Python keywords); ``None`` values are
-    treated as unset.
+    Args:
+        overrides: Only the values a user set (flags or Python keywords); ``None`` means unset.
+        cls: The config class (``TrainConfig`` or a subclass such as ``FinetuneConfig``).
+
+    Raises:
+        ValueError: For unknown keys, values of the wrong type, or bad values (the message names
+            the flag or key and the file it came from).
     """
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(given) - names)
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+    names = {f.name for f in dataclasses.fields(cls)} - {"defaults_source"}
+    _check_known(given, names, "unknown config keys")
+    check_types(cls, given, "settings")
     layered: dict[str, Any] = {}
     if given.get("recipe"):
-        layered.update(load_toml(recipe_path(given["recipe"])))
+        path = recipe_path(given["recipe"])
+        layered.update(_from_file(path, cls, names))
     if given.get("config"):
-        layered.update(load_toml(given["config"]))
+        layered.update(_from_file(given["config"], cls, names))
     layered.update(given)
-    unknown = sorted(set(layered) - names)
-    if unknown:
-        raise ValueError(
-            f"unknown config keys {unknown} in the TOML file; valid keys: {sorted(names)}"
-        )
-    cfg = TrainConfig(**{k: v for k, v in layered.items() if k != "defaults_source"})
+    cfg = cls(**layered)
     if "noise_multiplier" in layered and "epsilon" not in layered:
         cfg.epsilon = None
-    _validate_names(cfg)
-    if cfg.model is None:
-        cfg.model = DEFAULT_MODEL.get(cfg.dataset, "mlp")
-    tuned, source = tuned_defaults(cfg.dataset, cfg.optimizer)
-    for key in set(BASE_DEFAULTS) | set(tuned):
-        if getattr(cfg, key, None) is None and key not in layered:
-            if key in tuned:
-                setattr(cfg, key, tuned[key])
-                cfg.defaults_source[key] = source
-            elif key in BASE_DEFAULTS:
-                setattr(cfg, key, BASE_DEFAULTS[key])
-                cfg.defaults_source[key] = "built-in default"
-    if cfg.steps is not None:
-        cfg.epochs = None
-    if isinstance(cfg.ef_bits, str):
-        raw = cfg.ef_bits.lower()
-        if raw not in ("4", "8", "none", "exact"):
-            raise ValueError(f"ef_bits must be 4, 8 or none, got {cfg.ef_bits!r}")
-        cfg.ef_bits = None if raw in ("none", "exact") else int(raw)
-    _validate_values(cfg)
+    cfg.check_names()
+    cfg.fill_defaults(set(layered))
+    cfg.validate()
     return cfg
+
+
+def _from_file(path: str | Path, cls: type, names: set[str]) -> dict[str, Any]:
+    values = load_toml(path, table=getattr(cls, "TOML_TABLE", "train"))
+    where = f"config file {str(path)!r}"
+    _check_known(values, names, f"{where}: unknown config keys")
+    check_types(cls, values, where)
+    return values
+
+
+def _check_known(values: dict[str, Any], names: set[str], what: str) -> None:
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{what} {unknown}; valid keys: {sorted(names)}")
 
 
 def _validate_names(cfg: TrainConfig) -> None:
@@ -178,16 +299,16 @@ def _validate_names(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
     if cfg.model is not None and cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(
-            f"unknown lr_schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
-        )
-    if cfg.accountant not in ACCOUNTANTS:
-        raise ValueError(
-            f"unknown accountant {cfg.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}"
-        )
-    if cfg.engine not in ENGINES:
-        raise ValueError(f"unknown engine {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+    for key, allowed in (
+        ("lr_schedule", LR_SCHEDULES),
+        ("accountant", ACCOUNTANTS),
+        ("engine", ENGINES),
+        ("normalize", NORMALIZE),
+    ):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(
+                f"unknown {key} {getattr(cfg, key)!r}; choose one of {', '.join(allowed)}"
+            )
 
 
 def _validate_values(cfg: TrainConfig) -> None:
@@ -201,22 +322,22 @@ def _validate_values(cfg: TrainConfig) -> None:
             "give either --epsilon or --noise-multiplier, not both "
             f"(got epsilon={cfg.epsilon!r}, noise_multiplier={cfg.noise_multiplier!r})",
         )
-        if cfg.epsilon is not None:
-            need(cfg.epsilon > 0, f"--epsilon must be > 0, got {cfg.epsilon!r}")
-        if cfg.noise_multiplier is not None:
-            need(
-                cfg.noise_multiplier >= 0,
-                f"--noise-multiplier must be >= 0, got {cfg.noise_multiplier!r}",
-            )
-        need(0 < cfg.delta < 1, f"--delta must be in (0, 1), got {cfg.delta!r}")
-        need(cfg.clip_norm > 0, f"--clip-norm must be > 0, got {cfg.clip_norm!r}")
+    try:  # the privacy rules are DPConfig's; checked here too, before any data is loaded
+        check_privacy_settings(
+            cfg.clip_norm if cfg.private else 1.0,
+            cfg.augmult,
+            cfg.noise_multiplier if cfg.private else None,
+            cfg.epsilon if cfg.private else None,
+            cfg.delta,
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(_as_flags(str(err))) from None
     need(cfg.lr >= 0, f"--lr must be >= 0, got {cfg.lr!r}")
     need(cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size!r}")
     need(
         cfg.physical_batch_size >= 1,
         f"--physical-batch-size must be >= 1, got {cfg.physical_batch_size!r}",
     )
-    need(cfg.augmult >= 1, f"--augmult must be >= 1, got {cfg.augmult!r}")
     need(0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction!r}")
     if cfg.steps is not None:
         need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps!r}")
@@ -226,12 +347,26 @@ def _validate_values(cfg: TrainConfig) -> None:
         need(0 < cfg.ema < 1, f"--ema (decay) must be in (0, 1), got {cfg.ema!r}")
     need(
         0 <= cfg.warmup_fraction < 1,
-        f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction!r}",
+        f"--warmup-fraction must be in [0, 1), got {cfg.warmup_fraction!r}",
     )
     need(
         math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
         f"--weight-decay must be >= 0, got {cfg.weight_decay!r}",
     )
+
+
+_FLAG_OF = {
+    "clip_norm": "--clip-norm",
+    "augmult": "--augmult",
+    "noise_multiplier": "--noise-multiplier",
+    "target_epsilon": "--epsilon",
+    "target_delta": "--delta",
+}
+
+
+def _as_flags(message: str) -> str:
+    """A mechanism message in the words of the command line (``clip_norm`` -> ``--clip-norm``)."""
+    return re.sub(r"\b(" + "|".join(_FLAG_OF) + r")\b", lambda m: _FLAG_OF[m.group(1)], message)
 
 
 def steps_for(cfg: TrainConfig, dataset_size: int) -> int:

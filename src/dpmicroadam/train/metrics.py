@@ -1,4 +1,4 @@
-"""Metrics sink (JSON lines) and the run's plots."""
+"""The metrics log: one JSON line per evaluation (plots are drawn by ``dpmicroadam.plots``)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,29 @@ from typing import Any
 
 
 class MetricsLog:
-    """Append-only JSON-lines log of evaluations; on resume, rows past the checkpoint are dropped
-    (they are recomputed identically)."""
+    """Append-only JSON-lines log of evaluations.
 
-    def __init__(self, path: str | Path) -> None:
+    Args:
+        path: The ``metrics.jsonl`` file.
+        fresh: Start empty (a new run); else read the rows already there (a resumed run, whose
+            rows past its checkpoint are dropped by :meth:`truncate` and recomputed identically).
+    """
+
+    def __init__(self, path: str | Path, fresh: bool = False) -> None:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
-        if self.path.exists():
+        self._fresh = fresh
+        if not fresh and self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip():
                     try:
                         self.rows.append(json.loads(line))
                     except json.JSONDecodeError:  # a line torn by a kill: drop it
                         break
+
+    def last(self) -> dict[str, Any]:
+        """The latest row ({} before the first evaluation)."""
+        return self.rows[-1] if self.rows else {}
 
     def truncate(self, step: int) -> None:
         self.rows = [r for r in self.rows if r["step"] <= step]
@@ -30,39 +40,7 @@ class MetricsLog:
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        with self.path.open("a") as fh:
+        mode = "w" if self._fresh else "a"  # a new run replaces a log left by a failed one
+        self._fresh = False
+        with self.path.open(mode) as fh:
             fh.write(json.dumps(row) + "\n")
-
-
-def plot_run(rows: list[dict[str, Any]], out_dir: str | Path, title: str) -> list[Path]:
-    """PNG plots of test accuracy and ε against steps. Returns the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    steps = [r["step"] for r in rows]
-    written = []
-    for key, label, name in (
-        ("test_accuracy", "test accuracy", "accuracy.png"),
-        ("epsilon", "ε spent", "epsilon.png"),
-    ):
-        ys = [r.get(key) for r in rows]
-        if not any(y is not None for y in ys):
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-        ax.plot(steps, ys, marker="o", ms=3)
-        if key == "test_accuracy" and any(r.get("val_accuracy") is not None for r in rows):
-            ax.plot(steps, [r.get("val_accuracy") for r in rows], marker=".", ms=3, alpha=0.6)
-            ax.legend(["test", "validation"], fontsize=8)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
-    return written

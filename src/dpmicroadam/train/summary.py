@@ -1,39 +1,71 @@
-"""The two-line human summary of a finished run (train and finetune print the same way)."""
+"""The summary of a finished run (``summary.json``, ``--json``)."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import resource
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dpmicroadam.optim import state_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dpmicroadam.train.run import Run
+
+__all__ = ["peak_memory_mb", "run_summary"]
 
 
-def summary_lines(s: dict[str, Any]) -> list[str]:
-    """Test accuracy, ε spent with how it was accounted, optimizer memory, time and output folder."""
-    acc = s.get("test_accuracy")
-    line = f"test accuracy {acc:.4f}" if acc is not None else "test accuracy n/a"
-    if s.get("private"):
-        target = f"target {s['target_epsilon']}, " if s.get("target_epsilon") is not None else ""
-        line += (
-            f" | ε = {s['epsilon']:.3f} ({target}δ = {s['delta']:g}, {s['accountant'].upper()}, "
-            f"σ = {s['noise_multiplier']:.4f}, q = {s['sample_rate']:.4g}, T = {s['steps']})"
-        )
-    else:
-        line += " | not private"
-    model = f"{s['model']} ({s['trainable']})" if s.get("trainable") else f"{s['model']}"
-    trains = (
-        f"trains {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters · "
-        if "trainable_parameters" in s
-        else ""
-    )
-    return [
-        f"{s['optimizer']} · {model} · {s['dataset']}: {line}",
-        f"{trains}optimizer state {s['optimizer_state_bytes_per_param']:.3f} bytes/param · "
-        f"{s['wall_seconds']:.1f} s · results in {s['out']}",
-    ]
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's max allocated, or the max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def print_summary(s: dict[str, Any], as_json: bool) -> None:
-    """Print a run's summary: one JSON object (``--json``), or the readable lines."""
-    if as_json:
-        print(json.dumps(s))
-    else:
-        print("\n".join(summary_lines(s)))
+def run_summary(run: Run, last: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy, ε spent with how it was accounted, the settings, memory and time."""
+    cfg, mech = run.cfg, run.mechanism
+    n_params = sum(p.numel() for p in run.params)
+    opt_bytes = state_bytes(run.optimizer)
+    return {
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "optimizer": cfg.optimizer,
+        "private": mech is not None,
+        "test_accuracy": last.get("test_accuracy"),
+        "val_accuracy": last.get("val_accuracy"),
+        "epsilon": mech.epsilon() if mech else None,
+        "target_epsilon": cfg.epsilon if mech else None,
+        "delta": cfg.delta if mech else None,
+        "accountant": cfg.accountant if mech else None,
+        # the per-example gradient engine actually used (--engine auto resolves here)
+        "engine": mech.engine.kind if mech else None,
+        "noise_multiplier": mech.noise_multiplier if mech else None,
+        "sample_rate": mech.sample_rate if mech else cfg.batch_size / run.n,
+        "batch_size": cfg.batch_size,
+        "steps": run.total_steps,
+        "epochs": run.total_steps * cfg.batch_size / run.n,
+        "clip_norm": cfg.clip_norm if mech else None,
+        "lr": cfg.lr,
+        "lr_schedule": cfg.lr_schedule,
+        "momentum": cfg.momentum,
+        "density": cfg.density,
+        "window_size": cfg.window_size,
+        "augmult": cfg.augmult,
+        "ema": cfg.ema,
+        "seed": cfg.seed,
+        "train_size": run.n,
+        "val_size": int(run.y_val.numel()),
+        "test_size": int(run.y_test.numel()),
+        "parameters": n_params,
+        "optimizer_state_bytes_per_param": opt_bytes / max(1, n_params),
+        "optimizer_state_bytes": opt_bytes,
+        # measured in this process: after a resume, over the steps run since
+        "seconds_per_step": run.step_seconds / run.steps_timed if run.steps_timed else None,
+        "peak_memory_mb": peak_memory_mb(run.device),
+        "wall_seconds": round(run.state.wall_seconds, 2),
+        "defaults_source": cfg.defaults_source,
+        "out": str(run.out),
+        "world_size": run.dist.world_size,
+        **run.task.info,
+    }

@@ -87,7 +87,8 @@ def make_record(
             edges.append(get_gradient_edge(leaf))
             like.append((leaf.shape, leaf.dtype, leaf.device))
     in_leaves = list(args) if not kwargs else tree_flatten((args, kwargs))[0]
-    versions = [(t, t._version) for t in in_leaves if isinstance(t, torch.Tensor)]
+    # torch exposes a tensor's in-place version counter only as `_version`.
+    versions = [(t, t._version) for t in in_leaves if isinstance(t, torch.Tensor)]  # noqa: SLF001
     return Record(tuple(args), dict(kwargs), index, edges, like, versions, extra, shared=shared)
 
 
@@ -98,7 +99,7 @@ def check_unchanged(record: Record, name: str) -> None:
         ValueError: naming the module; the stored activation would no longer be its input.
     """
     for tensor, version in record.versions:
-        if tensor._version != version:
+        if tensor._version != version:  # noqa: SLF001 (torch's version counter)
             raise ValueError(
                 f"the input of module {name!r} was modified in place after its forward call; "
                 "the fast engine needs it unchanged: use inplace=False in the layer that "

@@ -59,7 +59,7 @@ class ConvCall:
             _tuple(m.dilation, dims), m.groups,
         )  # fmt: skip
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
-            call.pre_pad = list(m._reversed_padding_repeated_twice)
+            call.pre_pad = _pad_widths(m, dims)
             call.pad_mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         else:
             call.padding = _tuple(m.padding, dims)
@@ -267,3 +267,17 @@ def scaled_weight_grad(call, xs, es, factors, k) -> torch.Tensor:
         part = call.weight_grad(x, e * rows.view(-1, *([1] * (e.dim() - 1))))
         total = part if total is None else total + part
     return total
+
+
+def _pad_widths(m: nn.Module, dims: int) -> list[int]:
+    """``F.pad`` widths (last dimension first) of a conv's padding, as the module pads itself."""
+    kernel = m.weight.shape[2:]
+    dilation = _tuple(m.dilation, dims)
+    if m.padding == "valid":
+        per_dim = [(0, 0)] * dims
+    elif m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        per_dim = [(t // 2, t - t // 2) for t in total]
+    else:
+        per_dim = [(p, p) for p in _tuple(m.padding, dims)]
+    return [w for left, right in reversed(per_dim) for w in (left, right)]

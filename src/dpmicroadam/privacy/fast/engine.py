@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..checks import check_per_example_safe
+from ..clip import clip_factors
 from .capture import check_graph, check_unchanged, source_records
 from .fallback import FallbackOwner
 from .plan import build_owners
@@ -41,7 +42,8 @@ class FastEngine:
             with ``requires_grad``, in ``model.parameters()`` order).
 
     Raises:
-        ValueError: if parameters are tied or not in ``model``.
+        ValueError: if parameters are tied or not in ``model``, or the model mixes examples
+            (BatchNorm; see ``check_per_example_safe``).
     """
 
     kind = "fast"  # the name make_engine(kind=...) knows it by
@@ -53,6 +55,7 @@ class FastEngine:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        check_per_example_safe(model)
         self.model = model
         self.loss_fn = loss_fn
         if params is None:
@@ -157,10 +160,7 @@ class FastEngine:
         for value in sq.values():
             total = total + value.to(dtype)
         norms = total.sqrt()
-        if math.isinf(clip_norm):
-            factors = torch.ones_like(norms)
-        else:
-            factors = torch.where(norms > clip_norm, clip_norm / norms, torch.ones_like(norms))
+        factors = clip_factors(norms, clip_norm)
         sums: list[torch.Tensor | None] = [None] * len(self.params)
         for index in sq:
             for j, value in zip(self._slots[index], self._owners[index].sums(factors)):
@@ -188,10 +188,7 @@ class FastEngine:
 
 
 def _flatten(inputs, targets, clip_norm, augmult):
-    if isinstance(augmult, bool) or not isinstance(augmult, int) or augmult < 1:
-        raise ValueError(f"augmult must be an int >= 1, got {augmult!r}")
-    if not isinstance(clip_norm, (int, float)) or not clip_norm > 0:
-        raise ValueError(f"clip_norm must be a positive float (or math.inf), got {clip_norm!r}")
+    # clip_norm and augmult were checked by DPConfig (dpmicroadam.privacy.clip holds the rules).
     if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError("inputs and targets must be tensors")
     b = targets.shape[0] if targets.dim() else -1

@@ -127,7 +127,7 @@ class ReparamConvOwner(ConvOwner):
                     # keep alive a tensor autograd itself does not save.
                     ghost = use_ghost(self.views * out[0, 0].numel(), call.fan_in,
                                       out.shape[1] // call.groups)  # fmt: skip
-                    captured = (call, out if ghost else None, out._version)
+                    captured = (call, out if ghost else None, out._version)  # noqa: SLF001
             self.records.append(make_record(args, kwargs, output, extra=captured))
 
         return [
@@ -193,7 +193,7 @@ class ReparamConvOwner(ConvOwner):
         """z_{i,o} = Σ_t e_{i,t,o} (u_o/s_o)·a_{i,t}, from the layer's output when possible."""
         gain = self.module.gain.detach().reshape(-1)
         shape = (1, -1) + (1,) * call.dims
-        usable = output is not None and output._version == version
+        usable = output is not None and output._version == version  # noqa: SLF001
         if usable and bool((gain.abs() > 1e-3 * gain.abs().max()).all()):
             y = output.detach()
             if call.bias is not None:
