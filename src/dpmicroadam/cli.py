@@ -91,29 +91,27 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------- commands
 
 
+def _fit_and_report(cfg: TrainConfig, make_run: typing.Callable[[Any], Any]) -> int:
+    if cfg.json:
+        cfg.progress = False
+    try:
+        summary = make_run(cfg).fit()
+    except ImportError as err:  # an optional extra (transformers, peft, timm) is missing
+        raise ValueError(str(err)) from err
+    _report(summary, cfg.json)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dpmicroadam.train import Run, resolve_config
 
-    cfg = resolve_config(given_settings(args))
-    if cfg.json:
-        cfg.progress = False
-    summary = Run(cfg).fit()
-    _report(summary, cfg.json)
-    return 0
+    return _fit_and_report(resolve_config(given_settings(args)), Run)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dpmicroadam.finetune import finetune_run, resolve_finetune_config
 
-    cfg = resolve_finetune_config(given_settings(args))
-    if cfg.json:
-        cfg.progress = False
-    try:
-        summary = finetune_run(cfg).fit()
-    except ImportError as err:  # an optional extra (transformers, peft, timm) is missing
-        raise ValueError(str(err)) from err
-    _report(summary, cfg.json)
-    return 0
+    return _fit_and_report(resolve_finetune_config(given_settings(args)), finetune_run)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -171,7 +169,9 @@ def cmd_account(args: argparse.Namespace) -> int:
         "accountant": args.accountant,
     }
     if (args.noise_multiplier is None) == (args.epsilon is None):
-        raise ValueError("give exactly one of --noise-multiplier (to get ε) or --epsilon (to get σ)")
+        raise ValueError(
+            "give exactly one of --noise-multiplier (to get ε) or --epsilon (to get σ)"
+        )
     if args.noise_multiplier is not None:
         sigma = args.noise_multiplier
     else:

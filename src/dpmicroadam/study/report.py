@@ -234,7 +234,3 @@ def write_report(rows: list[dict[str, str]], results_dir: Path, name: str) -> li
         written += plot_sweep(records + tuned, results_dir, name, PLOTS)
         written += plot_learning_curves(rows, results_dir, name)
     return written
-
-
-
-

@@ -11,20 +11,35 @@ from dpmicroadam import optim
 from dpmicroadam.train.config import TrainConfig
 
 
-def param_groups(params: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
-    """One group, or two when ``density_1d`` asks for another density on 1-D tensors (biases, norms)."""
-    if cfg.density_1d is None or cfg.optimizer not in ("dp-microadam", "microadam"):
+def param_groups(
+    params: list[nn.Parameter], cfg: TrainConfig, head: list[nn.Parameter] | None = None
+) -> list[dict]:
+    """MicroAdam's parameter groups: the default density, ``density_head`` on the classification
+    head (``head``), ``density_1d`` on the other 1-D tensors (biases, norm gains).
+
+    Every other optimizer gets one group. Small tensors cost little state, so a denser update
+    there is cheap (SPEC §1, "Small tensors"); the paper's setting is both left unset.
+    """
+    if cfg.optimizer not in ("dp-microadam", "microadam"):
         return [{"params": params}]
-    multi = [p for p in params if p.ndim >= 2]
-    flat = [p for p in params if p.ndim < 2]
-    groups = [{"params": multi}] if multi else []
+    head_ids = {id(p) for p in head or []} if cfg.density_head is not None else set()
+    in_head = [p for p in params if id(p) in head_ids]
+    rest = [p for p in params if id(p) not in head_ids]
+    flat = [p for p in rest if p.ndim < 2] if cfg.density_1d is not None else []
+    multi = [p for p in rest if not any(p is q for q in flat)]
+    groups: list[dict] = [{"params": multi}] if multi else []
     if flat:
         groups.append({"params": flat, "density": cfg.density_1d})
+    if in_head:
+        groups.append({"params": in_head, "density": cfg.density_head})
     return groups
 
 
 def build_optimizer(
-    params: list[nn.Parameter], cfg: TrainConfig, noise_std: float = 0.0
+    params: list[nn.Parameter],
+    cfg: TrainConfig,
+    noise_std: float = 0.0,
+    head: list[nn.Parameter] | None = None,
 ) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.optimizer``; the dp- ones step on the released gradient.
 
@@ -32,8 +47,9 @@ def build_optimizer(
         params: Trainable parameters.
         cfg: Run config.
         noise_std: σC/B, the std of the noise in the released gradient (used by DP-AdamBC only).
+        head: The classification head's parameters (for ``density_head``).
     """
-    groups = param_groups(params, cfg)
+    groups = param_groups(params, cfg, head)
     name = cfg.optimizer
     if name in ("dp-microadam", "microadam"):
         return optim.MicroAdam(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 1
+CHECKPOINT = "checkpoint.pt"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -37,3 +39,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"version {FORMAT_VERSION}"
         )
     return state
+
+
+def check_resume(cfg: Any, out: Path) -> None:
+    """Refuse to overwrite a run without ``--resume``, or to resume with a changed config.
+
+    Raises:
+        ValueError: ``out`` holds a checkpoint and ``cfg.resume`` is off.
+        ResumeMismatch: The saved ``config.json`` differs in a field that shapes the run.
+    """
+    from dpmicroadam.train.hooks import ResumeMismatch
+
+    saved, ckpt = out / "config.json", out / CHECKPOINT
+    if not cfg.resume:
+        if ckpt.exists():
+            raise ValueError(
+                f"{str(out)!r} already holds a run; pass --resume to continue it or choose "
+                "another --out"
+            )
+        return
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        new = cfg.comparable()
+        diff = sorted(k for k in new if k in old and old[k] != new[k])
+        if diff:
+            details = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
+            raise ResumeMismatch(
+                f"--resume refuses a changed config ({details}); rerun with the saved "
+                f"settings in {str(saved)!r} or start a new run with another --out"
+            )

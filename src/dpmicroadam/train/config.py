@@ -44,7 +44,9 @@ def setting(default: Any = None, help: str = "", **meta: Any) -> Any:
             name with dashes), ``cli=False`` (not a flag), ``metavar``.
     """
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **meta}
+        )
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -63,7 +65,9 @@ class TrainConfig:
     delta: float = setting(1e-5, "target δ")
     noise_multiplier: float | None = setting(None, "σ, instead of --epsilon")
     accountant: str = setting("pld", "privacy accountant", choices=ACCOUNTANTS)
-    epochs: float | None = setting(None, "training length in epochs (expected passes over the data)")
+    epochs: float | None = setting(
+        None, "training length in epochs (expected passes over the data)"
+    )
     steps: int | None = setting(None, "training length in optimizer steps (instead of --epochs)")
     batch_size: float | None = setting(None, "expected (logical) batch size B = q·N")
     physical_batch_size: int | None = setting(None, "examples per forward/backward (memory only)")
@@ -76,6 +80,9 @@ class TrainConfig:
     window_size: int | None = setting(None, "MicroAdam window m")
     density: float | None = setting(None, "MicroAdam top-k density k/d")
     density_1d: float | None = setting(None, "MicroAdam density for 1-D tensors (biases, norms)")
+    density_head: float | None = setting(
+        None, "MicroAdam density for the classification head (a new head is small: 1.0 keeps "
+        "it dense for little memory)")  # fmt: skip
     ef_bits: int | str | None = setting(4, "MicroAdam error-feedback bits: 4, 8 or none (exact)")
     adambc_gamma: float = setting(1e-9, "DP-AdamBC floor γ of the corrected second moment")
     augmult: int = setting(1, "augmented views per example K (averaged before clipping)")
@@ -91,7 +98,9 @@ class TrainConfig:
     log_train_loss: bool = setting(False, "log the training loss (private data: not a private "
                                    "output)")  # fmt: skip
     device: str = setting("cpu", "cpu, cuda, cuda:1, ...")
-    out: str | None = setting(None, "output folder (default runs/<time>-<dataset>-<optimizer>-s<seed>)")
+    out: str | None = setting(
+        None, "output folder (default runs/<time>-<dataset>-<optimizer>-s<seed>)"
+    )
     resume: bool = setting(False, "continue the run in --out from its last checkpoint")
     json: bool = setting(False, "print the summary as one JSON object on stdout, nothing else")
     progress: bool = setting(True, "show the progress bar")
@@ -229,9 +238,7 @@ def check_types(cls: type, values: dict[str, Any], where: str) -> None:
             ok = all(isinstance(v, str) for v in value)
         if not ok:
             names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in accepted)
-            raise ValueError(
-                f"{where}: {key} = {value!r} has the wrong type; {key} takes {names}"
-            )
+            raise ValueError(f"{where}: {key} = {value!r} has the wrong type; {key} takes {names}")
 
 
 _TYPE_NAMES = {
@@ -349,6 +356,10 @@ def _validate_values(cfg: TrainConfig) -> None:
         0 <= cfg.warmup_fraction < 1,
         f"--warmup-fraction must be in [0, 1), got {cfg.warmup_fraction!r}",
     )
+    for key in ("density", "density_1d", "density_head"):
+        value = getattr(cfg, key)
+        if value is not None:
+            need(0 < value <= 1, f"--{key.replace('_', '-')} must be in (0, 1], got {value!r}")
     need(
         math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
         f"--weight-decay must be >= 0, got {cfg.weight_decay!r}",

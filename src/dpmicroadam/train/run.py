@@ -30,45 +30,17 @@ from dpmicroadam import distributed
 from dpmicroadam.data import augment_views
 from dpmicroadam.data.sampler import PoissonSampler
 from dpmicroadam.mechanism import DPConfig, DPMechanism, NonFiniteGradientError, derive_seed
+from dpmicroadam.models.trainable import head_parameter_names
 from dpmicroadam.train.builders import build_optimizer, build_schedule
-from dpmicroadam.train.checkpoint import load_checkpoint, save_checkpoint
+from dpmicroadam.train.checkpoint import CHECKPOINT, check_resume, load_checkpoint, save_checkpoint
 from dpmicroadam.train.config import TrainConfig, resolve_config, steps_for
 from dpmicroadam.train.ema import EMA
+from dpmicroadam.train.hooks import ResumeMismatch, RunHooks, TrainingDiverged
 from dpmicroadam.train.metrics import MetricsLog
 from dpmicroadam.train.state import RunState
-from dpmicroadam.train.task import Task, cross_entropy_per_row, default_task, evaluate
+from dpmicroadam.train.task import cross_entropy_per_row, evaluate
 
 __all__ = ["CHECKPOINT", "ResumeMismatch", "Run", "RunHooks", "TrainingDiverged", "train"]
-
-CHECKPOINT = "checkpoint.pt"
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
-
-
-class ResumeMismatch(ValueError):
-    """--resume was asked with a config that differs from the saved run's."""
-
-
-class RunHooks:
-    """Extension points of a :class:`Run` (override what you need; the defaults do nothing)."""
-
-    def build_task(self, run: Run) -> Task:
-        """The splits and the seeded model (default: `train`'s datasets and models)."""
-        return default_task(run.cfg)
-
-    def started(self, run: Run) -> None:
-        """Called once the output folder exists and ``config.json`` is written."""
-
-    def before_release(self, run: Run) -> None:
-        """Called after the batch is drawn, before it is privatized (private runs only)."""
-
-    def after_release(self, run: Run) -> None:
-        """Called when ``p.grad`` holds the released gradient, before ``optimizer.step()``."""
-
-    def summary(self, run: Run, summary: dict[str, Any]) -> None:
-        """Add fields to the summary (in place)."""
 
 
 def train(config: TrainConfig | None = None, **overrides: Any) -> dict[str, Any]:
@@ -106,7 +78,7 @@ class Run:
                 "in one process"
             )
         self.out = Path(self.dist.broadcast_object(cfg.out or _default_out(cfg)))
-        self._check_resume()
+        check_resume(cfg, self.out)
         self.dist.barrier()  # every rank has read the old run before rank 0 rewrites anything
         task = self.hooks.build_task(self)
         task.check()
@@ -126,7 +98,7 @@ class Run:
         mechanism = self._mechanism(model) if cfg.private else None
         sampler = mechanism.sampler if mechanism else _plain_sampler(cfg, self.n)
         noise_std = mechanism.noise_std if mechanism else 0.0
-        optimizer = build_optimizer(self.params, cfg, noise_std=noise_std)
+        optimizer = build_optimizer(self.params, cfg, noise_std, head=_head(model, self.params))
         self.state = RunState(
             model=model,
             optimizer=optimizer,
@@ -206,26 +178,6 @@ class Run:
         record["resolved_steps"] = self.total_steps
         return record
 
-    def _check_resume(self) -> None:
-        saved, ckpt = self.out / "config.json", self.out / CHECKPOINT
-        if not self.cfg.resume:
-            if ckpt.exists():
-                raise ValueError(
-                    f"{str(self.out)!r} already holds a run; pass --resume to continue it or "
-                    "choose another --out"
-                )
-            return
-        if saved.exists():
-            old = json.loads(saved.read_text())
-            new = self.cfg.comparable()
-            diff = sorted(k for k in new if k in old and old[k] != new[k])
-            if diff:
-                details = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
-                raise ResumeMismatch(
-                    f"--resume refuses a changed config ({details}); rerun with the saved "
-                    f"settings in {str(saved)!r} or start a new run with another --out"
-                )
-
     def _resume_state(self) -> None:
         ckpt = self.out / CHECKPOINT
         if not (self.cfg.resume and ckpt.exists()):
@@ -236,9 +188,7 @@ class Run:
 
     def _replica_tensors(self) -> list[torch.Tensor]:
         """What must be identical on every data-parallel rank (checked before each save)."""
-        return list(
-            distributed.state_tensors(self.model.state_dict(), self.optimizer.state_dict())
-        )
+        return list(distributed.state_tensors(self.model.state_dict(), self.optimizer.state_dict()))
 
     def save(self) -> None:
         """Write the checkpoint atomically (rank 0), after checking the replicas agree."""
@@ -417,6 +367,16 @@ def _device(name: str, dist: distributed.DistContext) -> torch.device:
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     return device
+
+
+def _head(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the classification head (empty when none is found)."""
+    try:
+        names = set(head_parameter_names(model))
+    except ValueError:
+        return []
+    trainable = {id(p) for p in params}
+    return [p for n, p in model.named_parameters() if n in names and id(p) in trainable]
 
 
 def _plain_sampler(cfg: TrainConfig, n: int) -> PoissonSampler:

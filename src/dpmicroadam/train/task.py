@@ -32,7 +32,9 @@ __all__ = [
     "validation_split",
 ]
 
-VAL_SPLIT_SEED = 20240521  # one fixed validation split for every run: tuning compares like with like
+VAL_SPLIT_SEED = (
+    20240521  # one fixed validation split for every run: tuning compares like with like
+)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Fast per-example clipping: layer rules, ghost norms and book-keeping (issue 5).
+"""Fast per-example clipping: layer rules, ghost norms and book-keeping.
 
 ``FastEngine`` implements the ``ClippedSumEngine`` protocol of :mod:`dpmicroadam.privacy`;
 ``supports(model)`` tells the engine factory whether to pick it. See docs/fast-clipping.md.

@@ -1,0 +1,124 @@
+"""The run API (hooks, state), the generated flag table and the layering promises."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dpmicroadam.cli import build_parser, config_flags
+from dpmicroadam.train import Run, RunHooks, resolve_config
+from dpmicroadam.train.config import TrainConfig
+
+FAST = dict(dataset="digits", steps=6, batch_size=64, eval_every=3, progress=False)
+
+
+class Recorder(RunHooks):
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def started(self, run):
+        self.calls.append("started")
+
+    def before_release(self, run):
+        assert run.mechanism is not None
+        self.calls.append("before")
+
+    def after_release(self, run):
+        # p.grad holds the released gradient here, before the optimizer steps
+        assert all(p.grad is not None for p in run.params)
+        self.calls.append("after")
+
+    def summary(self, run, summary):
+        summary["recorded"] = len(self.calls)
+
+
+def test_hooks_are_called_around_each_release(tmp_path):
+    hooks = Recorder()
+    run = Run(resolve_config({**FAST, "out": str(tmp_path / "r")}), hooks)
+    assert hooks.calls == ["started"]
+    stats = run.step()
+    assert hooks.calls == ["started", "before", "after"] and "batch_size" in stats
+    summary = run.fit()
+    assert hooks.calls == ["started"] + ["before", "after"] * 6
+    assert summary["recorded"] == 13 and summary["steps"] == 6
+
+
+def test_run_state_round_trips(tmp_path):
+    run = Run(resolve_config({**FAST, "out": str(tmp_path / "a")}))
+    run.step()
+    state = run.state.state_dict()
+    other = Run(resolve_config({**FAST, "out": str(tmp_path / "b")}))
+    other.state.load_state_dict(state)
+    assert other.state.step == 1
+    run.step()
+    other.step()
+    for a, b in zip(run.model.parameters(), other.model.parameters(), strict=True):
+        assert torch.equal(a, b)  # same model, optimizer, sampler, noise and accountant
+    assert run.epsilon() == other.epsilon()
+    with pytest.raises(ValueError, match="lacks"):
+        other.state.load_state_dict({k: v for k, v in state.items() if k != "mechanism"})
+
+
+def test_density_head_makes_the_head_its_own_group(tmp_path):
+    cfg = resolve_config({**FAST, "out": str(tmp_path / "h"), "density_head": 1.0})
+    run = Run(cfg)
+    groups = run.optimizer.param_groups
+    assert [g["density"] for g in groups] == [0.01, 1.0]
+    head = dict(run.model.named_parameters())
+    last = [n for n in head if n.startswith(max(n.rsplit(".", 1)[0] for n in head))]
+    assert {id(p) for p in groups[1]["params"]} == {id(head[n]) for n in last}
+    with pytest.raises(ValueError, match="--density-head must be in"):
+        resolve_config({**FAST, "density_head": 0.0})
+
+
+def test_importing_the_training_layer_does_not_import_matplotlib():
+    code = (
+        "import sys, dpmicroadam.train, dpmicroadam.mechanism, dpmicroadam.finetune, "
+        "dpmicroadam.audit; print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "audit"])
+def test_every_help_lists_every_setting_and_no_positionals(command, capsys):
+    from dpmicroadam.audit.config import AuditConfig
+    from dpmicroadam.finetune.config import FinetuneConfig
+
+    cls = {"train": TrainConfig, "finetune": FinetuneConfig, "audit": AuditConfig}[command]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    flags = config_flags(cls)
+    skipped = {
+        "finetune": set(FinetuneConfig.NOT_FOR_FINETUNE),
+        "audit": set(AuditConfig.NOT_FOR_AUDIT),
+    }.get(command, set())
+    for flag, name, kw in flags:
+        if name in skipped:
+            assert flag not in text.split(), (command, flag)
+            continue
+        assert flag in text, (command, flag)
+        assert kw["help"], (command, flag)  # every flag says what it does
+    names = {f.name for f in dataclasses.fields(cls)} - {"defaults_source"}
+    assert names == {name for _, name, _ in flags}  # the table covers every field
+    assert "positional arguments" not in text  # no stray positionals
+
+
+def test_train_help_has_model_and_recipe_as_flags():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--model", "cnn", "--recipe", "cifar10-wrn16-4"])
+    assert args.model == "cnn" and args.recipe == "cifar10-wrn16-4"
+
+
+def test_audit_refuses_torchrun(tmp_path, monkeypatch):
+    from dpmicroadam.audit import Auditor, resolve_audit_config
+
+    cfg = resolve_audit_config({**FAST, "optimizer": "dp-sgd", "out": str(tmp_path / "a")})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process"):
+        Auditor(cfg)
