@@ -67,7 +67,7 @@ def _train(sigma: float, group, rank: int, world: int) -> dict:
         clip_norm=0.5,
         noise_multiplier=sigma,
         target_delta=1e-3,
-        seed=7,
+        noise_seed=7,
         physical_batch_size=3,  # shares split into unequal numbers of micro-batches
         engine="vmap",
     )
@@ -99,7 +99,7 @@ def _noise(group) -> list[torch.Tensor]:
         clip_norm=1.5,
         noise_multiplier=2.0,
         target_delta=1e-3,
-        seed=11,
+        noise_seed=11,
         engine="vmap",
     )
     mech = DPMechanism(cfg, model, _zero_loss, process_group=group)
@@ -113,10 +113,12 @@ def _noise(group) -> list[torch.Tensor]:
 def _misuse(group) -> dict:
     out = {}
     x, y = _data()
-    cfg = dict(dataset_size=N, expected_batch_size=B, clip_norm=1.0, target_delta=1e-3, seed=1)
+    cfg = dict(
+        dataset_size=N, expected_batch_size=B, clip_norm=1.0, target_delta=1e-3, noise_seed=1
+    )
     try:
         DPMechanism(
-            DPConfig(noise_multiplier=1.0, secure_noise=True, **{**cfg, "seed": None}),
+            DPConfig(noise_multiplier=1.0, secure_noise=True, **{**cfg, "noise_seed": None}),
             _model("mlp"),
             _ce,
             process_group=group,
@@ -251,6 +253,7 @@ RUN = dict(
     checkpoint_every=2,
     eval_every=2,
     lr=1e-2,
+    noise_seed=0,  # compared with a one-process run: the same noise and batches
     progress=False,
 )
 
@@ -334,7 +337,7 @@ def test_torchrun_cli_matches_one_process(tmp_path, monkeypatch):
         "--master_port", str(free_port()), "-m", "dpmicroadam", "train",
         "--dataset", "digits", "--model", "mlp", "--optimizer", "dp-microadam", "--steps", "4",
         "--batch-size", "64", "--noise-multiplier", "0", "--checkpoint-every", "2",
-        "--eval-every", "2", "--lr", "0.01", "--no-progress", "--out", str(tmp_path / "two"),
+        "--eval-every", "2", "--lr", "0.01", "--no-progress", "--noise-seed", "0", "--out", str(tmp_path / "two"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

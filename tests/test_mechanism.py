@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpmicroadam.accounting import PrivacyWarning
 from dpmicroadam.accounting import epsilon as epsilon_of
-from dpmicroadam.mechanism import DPConfig, DPMechanism, NonFiniteGradientError
+from dpmicroadam.mechanism import BudgetExhausted, DPConfig, DPMechanism, NonFiniteGradientError
 
 
 def per_row_ce(out, y):
@@ -35,7 +36,7 @@ def config(**kw) -> DPConfig:
         target_delta=1e-5,
         noise_multiplier=1.0,
         physical_batch_size=5,
-        seed=3,
+        noise_seed=3,
     )
     base.update(kw)
     return DPConfig(**base)
@@ -136,7 +137,7 @@ def test_same_seed_same_run_and_state_round_trip():
         for u, v in zip(ga, gb):
             assert torch.equal(u, v)
     assert c.accountant.steps == 6
-    other = DPMechanism(config(seed=4), tiny_model(), per_row_ce)
+    other = DPMechanism(config(noise_seed=4), tiny_model(), per_row_ce)
     assert not torch.equal(run(other, 1)[0][1][0], ra[0][1][0])
 
 
@@ -188,3 +189,67 @@ def test_batchnorm_is_refused_by_name():
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=r"1.*BatchNorm1d.*GroupNorm|BatchNorm1d"):
         DPMechanism(config(), model, per_row_ce)
+
+
+# ---------------------------------------------------------------------- the budget and secrecy
+
+
+def _release(mech, x, y):
+    idx = mech.sample()
+    mech.privatize(x[idx], y[idx])
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(steps=3), dict(noise_multiplier=None, target_epsilon=8.0, steps=3)]
+)
+def test_a_release_past_the_budget_is_refused(kw):
+    mech = DPMechanism(config(**kw), tiny_model(), per_row_ce)
+    x, y = data()
+    for _ in range(3):
+        _release(mech, x, y)
+    spent = mech.epsilon()
+    with pytest.raises(BudgetExhausted, match=r"3 of 3 steps released \(ε = ") as err:
+        mech.sample()
+    assert f"{spent:.4g}" in str(err.value)
+    if kw.get("target_epsilon"):
+        assert "target ε = 8" in str(err.value) and spent <= 8.0
+    assert mech.accountant.steps == 3  # nothing more was released or accounted
+    restored = DPMechanism(config(**kw), tiny_model(), per_row_ce)
+    restored.load_state_dict(mech.state_dict())
+    with pytest.raises(BudgetExhausted):  # a resumed mechanism keeps the count
+        restored.sample()
+
+
+def test_noise_and_sampling_are_secret_by_default():
+    """Without noise_seed two mechanisms draw different batches and noise (OS entropy)."""
+    x, y = data()
+    a = DPMechanism(config(noise_seed=None), tiny_model(), per_row_ce)
+    b = DPMechanism(config(noise_seed=None), tiny_model(), per_row_ce)
+    assert a.seed_is_secret and b.seed_is_secret
+    batches_a = [a.sample() for _ in range(1)]
+    batches_b = [b.sample() for _ in range(1)]
+    a.privatize(x[batches_a[0]], y[batches_a[0]])
+    b.privatize(x[batches_b[0]], y[batches_b[0]])
+    assert not all(torch.equal(p, q) for p, q in zip(grads(a.model), grads(b.model)))
+    assert "seed" not in {
+        k for k, v in a.config.to_dict().items() if v is not None and k != "noise_seed"
+    }
+    assert a.config.noise_seed is None  # the entropy seed is never written into the config
+    # ... and the state round-trips, so a resumed run continues the same secret streams
+    c = DPMechanism(config(noise_seed=None), tiny_model(), per_row_ce)
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c.sample(), a.sample())
+
+
+def test_secure_noise_does_not_sample_from_a_public_seed():
+    """secure_noise with the default seeding: two runs draw different Poisson batches."""
+    a = DPMechanism(config(noise_seed=None, secure_noise=True), tiny_model(), per_row_ce)
+    b = DPMechanism(config(noise_seed=None, secure_noise=True), tiny_model(), per_row_ce)
+    draws_a = torch.cat([a.sampler.sample() for _ in range(20)])
+    draws_b = torch.cat([b.sampler.sample() for _ in range(20)])
+    assert not torch.equal(draws_a, draws_b)
+
+
+def test_realized_normalization_warns():
+    with pytest.warns(PrivacyWarning, match="does not cover"):
+        DPMechanism(config(normalize="realized"), tiny_model(), per_row_ce)

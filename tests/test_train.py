@@ -18,11 +18,16 @@ from dpmicroadam.train import ResumeMismatch, Run, TrainingDiverged, train
 from dpmicroadam.train.checkpoint import load_checkpoint
 from dpmicroadam.train.config import resolve_config
 
-FAST = dict(dataset="digits", steps=24, batch_size=64, eval_every=6, progress=False)
+# A fixed noise seed: these tests compare separate runs (an interrupted one with an uninterrupted
+# one); the default, secret seeding is tested in tests/test_errors.py and below.
+FAST = dict(dataset="digits", steps=24, batch_size=64, eval_every=6, progress=False, noise_seed=0)
 
 
 def run_cfg(tmp_path: Path, name: str, **kw):
-    return resolve_config({**FAST, "out": str(tmp_path / name), **kw})
+    settings = {**FAST, "out": str(tmp_path / name), **kw}
+    if settings.get("optimizer") in ("adam", "sgd", "microadam"):
+        settings.pop("noise_seed")  # a non-private run has no noise
+    return resolve_config(settings)
 
 
 def test_default_run_writes_the_report(tmp_path):
@@ -115,6 +120,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
         "20",
         "--no-progress",
         "--json",
+        "--noise-seed",  # compared with a separate, uninterrupted run
+        "0",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ref = subprocess.run(
@@ -231,3 +238,18 @@ def test_recipe_resolves():
         0.999,
         1e-3,
     )
+
+
+def test_secret_seeding_resumes_the_same_streams(tmp_path):
+    """With OS-entropy seeds, two resumptions of one checkpoint compute the same steps."""
+    import shutil
+
+    cfg = {k: v for k, v in FAST.items() if k != "noise_seed"}
+    first = tmp_path / "a"
+    Run(resolve_config({**cfg, "out": str(first), "checkpoint_every": 6})).fit(stop_at=8)
+    shutil.copytree(first, tmp_path / "b")
+    for name in ("a", "b"):
+        train(resolve_config({**cfg, "out": str(tmp_path / name), "checkpoint_every": 6,
+                              "resume": True}))  # fmt: skip
+    for a, b in zip(_final_params(tmp_path / "a"), _final_params(tmp_path / "b"), strict=True):
+        assert torch.equal(a, b)

@@ -131,7 +131,7 @@ def _run(wn_dir, out, **kw):
     settings = dict(
         dataset="wordnet-nouns", data_dir=str(wn_dir), model_path="all-MiniLM-L6-v2",
         optimizer="dp-adam", lr=0.05, batch_size=8, steps=4, max_length=12, val_fraction=0.2,
-        epsilon=8.0, out=str(out), progress=False, seed=3,
+        epsilon=8.0, out=str(out), progress=False, seed=3, noise_seed=3,
     )  # fmt: skip
     settings.update(kw)
     trainer = finetune_run(resolve_finetune_config(settings))

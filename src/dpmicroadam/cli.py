@@ -22,6 +22,7 @@ from dpmicroadam.train.config import ACCOUNTANTS, TrainConfig, field_types
 
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+EXIT_IO = 4
 
 
 # ---------------------------------------------------------------------- the flag table
@@ -111,7 +112,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dpmicroadam.finetune import finetune_run, resolve_finetune_config
 
-    return _fit_and_report(resolve_finetune_config(given_settings(args)), finetune_run)
+    cfg = resolve_finetune_config(given_settings(args))
+    if cfg.task == "vision" and cfg.timm_model is None:  # from Python, a module can be given
+        raise ValueError(
+            "finetune needs a model and its data: --model-path with --train FILE or --dataset "
+            "wordnet-nouns (text), or --timm-model NAME with an image --dataset"
+        )
+    return _fit_and_report(cfg, finetune_run)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -335,7 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Any, category: type, *args: Any, **kwargs: Any) -> str:
+    return f"dpmicroadam: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -350,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FloatingPointError as err:
         print(f"dpmicroadam {args.command}: stopped: {err}", file=sys.stderr)
         return EXIT_STOPPED
+    except OSError as err:  # a full disk, a folder that went away: one line, nothing half-written
+        print(f"dpmicroadam {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_IO
 
 
 if __name__ == "__main__":  # pragma: no cover

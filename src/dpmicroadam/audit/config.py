@@ -49,8 +49,8 @@ class AuditConfig(TrainConfig):
     # Flags of `train` that an audit does not take: it neither resumes nor checkpoints.
     NOT_FOR_AUDIT: typing.ClassVar[tuple[str, ...]] = ("resume", "eval_every", "checkpoint_every")
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, user_set: set[str] | frozenset[str] = frozenset()) -> None:
+        super().validate(user_set)
         if not self.private:
             raise ValueError(
                 f"optimizer {self.optimizer!r} is not private: an audit needs a dp-* optimizer "

@@ -10,6 +10,8 @@ with ``num_classes = max(y_train) + 1``. The file is read with ``allow_pickle=Fa
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ def _images(array: np.ndarray, key: str, path: str) -> torch.Tensor:
         if not np.isfinite(array).all():
             raise ValueError(f"{path}: {key} contains NaN or infinite values; clean the data")
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    raise TypeError(
+    raise ValueError(
         f"{path}: {key} has dtype {array.dtype}; images must be uint8 (0..255) or floating point"
     )
 
@@ -79,7 +81,6 @@ def load_npz_dataset(path: str | os.PathLike[str]) -> ImageDataset:
         FileNotFoundError: if the file does not exist.
         ValueError: on missing arrays, bad shapes, non-finite images, or labels that are not
             integers in range (the message names the array, the index and the value).
-        TypeError: on an unsupported image dtype.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,6 +89,12 @@ def load_npz_dataset(path: str | os.PathLike[str]) -> ImageDataset:
             f"with arrays {', '.join(_KEYS)}"
         )
     where = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{str(path)!r} is not an .npz file (a zip archive of arrays, as numpy.savez writes "
+            "it); save the data with numpy.savez(path, x_train=..., y_train=..., x_test=..., "
+            "y_test=...)"
+        )
     with np.load(path, allow_pickle=False) as archive:
         missing = [k for k in _KEYS if k not in archive.files]
         if missing:
@@ -107,6 +114,15 @@ def load_npz_dataset(path: str | os.PathLike[str]) -> ImageDataset:
     if y_train.size == 0:
         raise ValueError(f"{where}: y_train is empty; need at least one training example")
     num_classes = int(y_train.max()) + 1
+    empty = num_classes - len(np.unique(y_train))
+    if empty:
+        warnings.warn(
+            f"{where}: labels range over 0..{num_classes - 1} but {empty} of these "
+            f"{num_classes} classes have no training example (a stray label such as "
+            f"{int(y_train.max())}?); the model gets {num_classes} outputs",
+            UserWarning,
+            stacklevel=2,
+        )
     out_of_range = np.flatnonzero(y_test >= num_classes)
     if out_of_range.size:
         i = int(out_of_range[0])

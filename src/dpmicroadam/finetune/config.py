@@ -109,8 +109,8 @@ class FinetuneConfig(TrainConfig):
             self.dataset = f"text:{Path(self.train_file).name}"
         self.model = _model_label(self)
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, user_set: set[str] | frozenset[str] = frozenset()) -> None:
+        super().validate(user_set)
         _validate(self)
 
 
@@ -158,6 +158,12 @@ def _validate(cfg: FinetuneConfig) -> None:
         f"--attn-implementation {cfg.attn_implementation!r}: use 'eager' or 'sdpa' (both trace "
         "under vmap with the prepared 4-D mask)",
     )
+    if cfg.task == "vision" and cfg.dataset != "custom":
+        need(
+            cfg.model_path is None,
+            f"--model-path {cfg.model_path!r} is a text model: give its data with --train FILE "
+            "(CSV/JSON lines) or --dataset wordnet-nouns",
+        )
     if cfg.task == "text":
         need(cfg.model_path is not None,
              "text fine-tuning needs --model-path (a local folder or a hub name)")  # fmt: skip

@@ -16,9 +16,10 @@ private data, and (3) treat everything after :meth:`privatize` as post-processin
 """
 
 from dpmicroadam.mechanism.config import DPConfig, check_privacy_settings, derive_seed
-from dpmicroadam.mechanism.core import DPMechanism, NonFiniteGradientError
+from dpmicroadam.mechanism.core import BudgetExhausted, DPMechanism, NonFiniteGradientError
 
 __all__ = [
+    "BudgetExhausted",
     "DPConfig",
     "DPMechanism",
     "NonFiniteGradientError",

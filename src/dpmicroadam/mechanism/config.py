@@ -12,6 +12,8 @@ from dpmicroadam.privacy.clip import check_augmult, check_clip_norm, check_noise
 
 __all__ = ["DPConfig", "check_privacy_settings", "derive_seed"]
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def derive_seed(seed: int, purpose: str) -> int:
     """A 63-bit seed for one purpose ("sampler", "noise", ...) derived from the run's seed.
@@ -41,6 +43,11 @@ def check_privacy_settings(
         ValueError: Naming the setting and the accepted range.
     """
     c = check_clip_norm(clip_norm)
+    if math.isfinite(c) and c > FLOAT32_MAX:
+        raise ValueError(
+            f"clip_norm must be at most {FLOAT32_MAX:.3g} (float32), got {clip_norm!r}: "
+            "the gradients and the noise σC would overflow; typical values are 0.1 to 10"
+        )
     k = check_augmult(augmult)
     if not isinstance(target_delta, int | float) or not 0 < target_delta < 1:
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta!r}")
@@ -63,6 +70,16 @@ class DPConfig:
 
     Give either ``expected_batch_size`` or ``sample_rate``; either ``noise_multiplier`` or
     ``target_epsilon`` (then ``steps`` is required and σ is calibrated so that ε ≤ target).
+
+    The budget: ``steps`` releases (when given), never more. With ``target_epsilon`` the steps
+    are those σ was calibrated for, so ε spent stays ≤ target. A release past the budget raises
+    :class:`~dpmicroadam.mechanism.BudgetExhausted`; spending more takes a new config and a new
+    mechanism (a new accountant), never a silent overrun.
+
+    ``noise_seed``: ``None`` (default) seeds the noise and the Poisson sampling from OS entropy;
+    their generators' state then lives only in the mechanism's ``state_dict`` (the checkpoint),
+    which must stay as secret as the data. An int makes runs reproducible, and the guarantee then
+    assumes that the int stays secret too (whoever knows it can recompute the noise and the batches).
     """
 
     dataset_size: int
@@ -75,7 +92,7 @@ class DPConfig:
     steps: int | None = None
     augmult: int = 1
     physical_batch_size: int = 256
-    seed: int | None = 0
+    noise_seed: int | None = None
     accountant: str = "pld"
     normalize: str = "expected"
     secure_noise: bool = False
@@ -129,6 +146,14 @@ class DPConfig:
         _, _, self.noise_multiplier = check_privacy_settings(
             self.clip_norm, self.augmult, self.noise_multiplier, None, self.target_delta
         )
+        if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
+            raise ValueError(f"steps must be an int >= 1 (the budget), got {self.steps!r}")
+        if self.noise_multiplier > 0 and not math.isfinite(
+            self.noise_multiplier * self.clip_norm / self.expected_batch_size
+        ):
+            raise ValueError(
+                f"clip_norm={self.clip_norm:g} is too large: the noise std σC/B overflows"
+            )
         check_delta(self.target_delta, self.dataset_size)
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from dpmicroadam.accounting import Accountant
+from dpmicroadam.accounting import Accountant, PrivacyWarning
 from dpmicroadam.data.sampler import PoissonSampler
 from dpmicroadam.mechanism.config import DPConfig, derive_seed
 from dpmicroadam.privacy import PrivateGradient, make_engine
 from dpmicroadam.privacy.per_example import clip_and_sum
 
-__all__ = ["DPMechanism", "NonFiniteGradientError"]
+__all__ = ["BudgetExhausted", "DPMechanism", "NonFiniteGradientError"]
+
+
+class BudgetExhausted(RuntimeError):
+    """The mechanism has released all the steps of its budget (``DPConfig.steps``)."""
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -59,20 +64,22 @@ class DPMechanism:
         self.params: list[nn.Parameter] = list(self.engine.params)
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
-        seed = config.seed
         if process_group is not None and config.secure_noise:
             raise ValueError(
                 "secure_noise=True with a process_group: each rank would draw different noise and "
-                "the replicas would diverge; use a shared seed (secure_noise=False) for "
-                "data-parallel training"
+                "the replicas would diverge; leave secure_noise off for data-parallel training "
+                "(the noise is still seeded from OS entropy unless noise_seed is given)"
             )
-        if seed is None and not config.secure_noise:
-            seed = int.from_bytes(os.urandom(7), "little")
+        # The seed of the noise and the sampling: from OS entropy unless the caller fixed one.
+        # It is never written to the config; only the generators' states reach the checkpoint.
+        self.seed_is_secret = config.noise_seed is None
+        seed = config.noise_seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
             if process_group is not None:  # every rank must sample and noise alike: use rank 0's
                 seed = _broadcast(seed, process_group)
-            config.seed = seed
         self.sampler = PoissonSampler(
-            config.dataset_size, config.sample_rate, seed=derive_seed(seed or 0, "sampler")
+            config.dataset_size, config.sample_rate, seed=derive_seed(seed, "sampler")
         )
         self.gradient = PrivateGradient(
             self.params,
@@ -86,6 +93,14 @@ class DPMechanism:
         self.accountant = Accountant(
             config.noise_multiplier, config.sample_rate, accountant=config.accountant
         )
+        if config.normalize == "realized":
+            warnings.warn(
+                "normalize='realized' divides the noisy sum by the realized batch size, which "
+                "depends on the data: the accountant's ε is that of the expected-batch mechanism "
+                "and does not cover this release (use normalize='expected')",
+                PrivacyWarning,
+                stacklevel=2,
+            )
         self._pending: int | None = None
         self.process_group = process_group
 
@@ -109,6 +124,16 @@ class DPMechanism:
             raise RuntimeError(
                 "sample() called twice without privatize(): every drawn batch must be released "
                 "(skipping one would make the accountant and the sampler disagree)"
+            )
+        budget = self.config.steps
+        if budget is not None and self.accountant.steps >= budget:
+            target = self.config.target_epsilon
+            raise BudgetExhausted(
+                f"the privacy budget is spent: {self.accountant.steps} of {budget} steps released "
+                f"(ε = {self.epsilon():.4g} at δ = {self.config.target_delta:g}"
+                + (f", target ε = {target:g}" if target is not None else "")
+                + "). Releasing more needs a new DPConfig (more steps or a larger ε) and a new "
+                "mechanism; the ε of both then adds up"
             )
         indices = self.sampler.sample()
         self._pending = int(indices.numel())

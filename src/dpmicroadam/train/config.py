@@ -87,7 +87,12 @@ class TrainConfig:
     adambc_gamma: float = setting(1e-9, "DP-AdamBC floor γ of the corrected second moment")
     augmult: int = setting(1, "augmented views per example K (averaged before clipping)")
     ema: float | None = setting(None, "EMA decay of the weights used for evaluation")
-    seed: int = setting(0, "seed of every random stream of the run")
+    seed: int = setting(0, "seed of the initialization, the validation split and the "
+                        "augmentations (public)")  # fmt: skip
+    noise_seed: int | None = setting(
+        None, "seed of the noise and the Poisson sampling. Default: OS entropy, whose state "
+        "lives only in the checkpoint (keep it as secret as the data). A fixed value makes runs "
+        "reproducible; the guarantee then assumes it stays secret")  # fmt: skip
     val_fraction: float = setting(0.1, "fraction of the training data held out for validation")
     eval_every: int | None = setting(None, "evaluate every N steps")
     checkpoint_every: int | None = setting(None, "checkpoint every N steps")
@@ -169,9 +174,15 @@ class TrainConfig:
                 raise ValueError(f"--ef-bits must be 4, 8 or none, got {self.ef_bits!r}")
             self.ef_bits = None if raw in ("none", "exact") else int(raw)
 
-    def validate(self) -> None:
-        """Check the values; raise ValueError naming the flag and a fix."""
+    def validate(self, user_set: set[str] | frozenset[str] = frozenset()) -> None:
+        """Check the values; raise ValueError naming the flag and a fix.
+
+        Args:
+            user_set: The settings a user gave (flags, TOML, recipe): a privacy setting given
+                to a non-private optimizer, or --steps with --epochs, is refused, not ignored.
+        """
         _validate_values(self)
+        _validate_given(self, set(user_set))
 
 
 C = TypeVar("C", bound=TrainConfig)
@@ -279,7 +290,7 @@ def resolve_config(overrides: dict[str, Any] | None = None, cls: type[C] = Train
         cfg.epsilon = None
     cfg.check_names()
     cfg.fill_defaults(set(layered))
-    cfg.validate()
+    cfg.validate(set(layered))
     return cfg
 
 
@@ -318,6 +329,58 @@ def _validate_names(cfg: TrainConfig) -> None:
             )
 
 
+PRIVACY_SETTINGS = (
+    "epsilon", "delta", "noise_multiplier", "accountant", "clip_norm", "normalize",
+    "secure_noise", "noise_seed",
+)  # fmt: skip
+
+
+def _validate_given(cfg: TrainConfig, user_set: set[str]) -> None:
+    """Refuse settings that would be silently ignored."""
+    if not cfg.private:
+        ignored = [k for k in PRIVACY_SETTINGS if k in user_set]
+        if ignored:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise ValueError(
+                f"{flags} would be ignored: --optimizer {cfg.optimizer} is not private; use "
+                f"dp-{cfg.optimizer} for a private run, or drop {flags}"
+            )
+    if "steps" in user_set and "epochs" in user_set:
+        raise ValueError(
+            "give --steps or --epochs, not both (a recipe or --config file may set one of them)"
+        )
+    if cfg.momentum and cfg.optimizer not in ("dp-sgd", "sgd"):
+        raise ValueError(
+            f"--momentum {cfg.momentum:g} would be ignored: momentum applies to dp-sgd and sgd, "
+            f"not --optimizer {cfg.optimizer}; drop it"
+        )
+    if cfg.resume and cfg.out is None:
+        raise ValueError("--resume needs --out with the folder of the run to continue")
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"--device {name!r} is not a device; use cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: this machine has no CUDA device (or this torch build has no "
+                "CUDA); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+
+
 def _validate_values(cfg: TrainConfig) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -346,6 +409,12 @@ def _validate_values(cfg: TrainConfig) -> None:
         f"--physical-batch-size must be >= 1, got {cfg.physical_batch_size!r}",
     )
     need(0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction!r}")
+    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum!r}")
+    for key in ("eval_every", "checkpoint_every"):
+        value = getattr(cfg, key)
+        flag = "--" + key.replace("_", "-")
+        need(value is None or value >= 1, f"{flag} must be >= 1 (steps), got {value!r}")
+    need(cfg.window_size >= 1, f"--window-size must be >= 1, got {cfg.window_size!r}")
     if cfg.steps is not None:
         need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps!r}")
     else:
@@ -364,6 +433,8 @@ def _validate_values(cfg: TrainConfig) -> None:
         math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
         f"--weight-decay must be >= 0, got {cfg.weight_decay!r}",
     )
+    need(math.isfinite(cfg.lr), f"--lr must be finite, got {cfg.lr!r}")
+    _check_device(cfg.device)
 
 
 _FLAG_OF = {

@@ -18,7 +18,6 @@ One private step: ``mechanism.sample()`` (Poisson batch) → this rank's share, 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -32,7 +31,14 @@ from dpmicroadam.data.sampler import PoissonSampler
 from dpmicroadam.mechanism import DPConfig, DPMechanism, NonFiniteGradientError, derive_seed
 from dpmicroadam.models.trainable import head_parameter_names
 from dpmicroadam.train.builders import build_optimizer, build_schedule
-from dpmicroadam.train.checkpoint import CHECKPOINT, check_resume, load_checkpoint, save_checkpoint
+from dpmicroadam.train.checkpoint import (
+    CHECKPOINT,
+    check_resume,
+    load_checkpoint,
+    make_out_dir,
+    save_checkpoint,
+    write_json,
+)
 from dpmicroadam.train.config import TrainConfig, resolve_config, steps_for
 from dpmicroadam.train.ema import EMA
 from dpmicroadam.train.hooks import ResumeMismatch, RunHooks, TrainingDiverged
@@ -112,7 +118,7 @@ class Run:
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
         self.step_seconds, self.steps_timed = 0.0, 0  # time in steps only, this process
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_out_dir(self.out)
         self.dist.barrier()
         self.metrics = MetricsLog(self.out / "metrics.jsonl", fresh=not cfg.resume)
         self._resume_state()
@@ -123,7 +129,7 @@ class Run:
             [distributed.fingerprint(record), *self._replica_tensors()],
         )
         if self.dist.is_main:
-            (self.out / "config.json").write_text(json.dumps(record, indent=2))
+            write_json(self.out / "config.json", record)
         self.hooks.started(self)
 
     # ------------------------------------------------------------------ parts
@@ -155,7 +161,7 @@ class Run:
             steps=self.total_steps,
             augmult=cfg.augmult,
             physical_batch_size=cfg.physical_batch_size,
-            seed=cfg.seed,
+            noise_seed=cfg.noise_seed,
             accountant=cfg.accountant,
             normalize=cfg.normalize,
             secure_noise=cfg.secure_noise,
@@ -297,7 +303,7 @@ class Run:
         row = {
             "step": self.state.step,
             "epoch": self.state.step * self.cfg.batch_size / self.n,
-            "epsilon": self.epsilon(),
+            "epsilon": _finite_or_none(self.epsilon()) if self.mechanism else None,
             "val_accuracy": _finite_or_none(val_acc),
             "val_loss": _finite_or_none(val_loss),
             "test_accuracy": _finite_or_none(test_acc),
@@ -342,7 +348,7 @@ class Run:
                 return None
             summary = self.summary(last)
             if self.dist.is_main:
-                (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+                write_json(self.out / "summary.json", summary)
                 from dpmicroadam.plots import plot_run
 
                 plot_run(self.metrics.rows, self.out, f"{self.cfg.optimizer} · {self.cfg.dataset}")
