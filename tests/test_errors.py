@@ -234,3 +234,24 @@ def test_seed_drives_init_but_not_the_noise(tmp_path):
     _, fixed_1 = run("c", noise_seed=5)
     _, fixed_2 = run("d", noise_seed=5)
     assert all(torch.equal(x, y) for x, y in zip(fixed_1, fixed_2, strict=True))
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            '[base]\nepsilon = "three"\n[[grid]]\nlr = [0.1]',
+            "[base]: epsilon = 'three' has the wrong type",
+        ),
+        ("[[grid]]\nsteps = [2, 2.5]", "[[grid]] 1: steps = 2.5 has the wrong type"),
+        ("[[grid]]\nbogus = 1", "[[grid]] 1: unknown key 'bogus'"),
+        ('[[grid]]\nseed = "tuned"', "'tuned' is not allowed for 'seed'"),
+        ("[base]\nlr = 0.1", "has no [[grid]] block"),
+    ],
+)
+def test_bad_sweep_files_are_refused_before_any_run(body, message, capsys, tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\n' + body + "\n")
+    line = one_line_error(capsys, ["sweep", str(path), "--results-dir", str(tmp_path / "r")])
+    assert message in line, line
+    assert not (tmp_path / "r" / "s.csv").exists()

@@ -86,3 +86,28 @@ def test_bad_std(std):
 def test_bad_seed_type():
     with pytest.raises(TypeError, match="seed must be an int"):
         GaussianNoise(seed=1.5)
+
+
+def test_release_draws_tensor_by_tensor_like_the_cpu_stream():
+    """The release adds, tensor by tensor and in place, exactly the CPU generator's stream."""
+    from dpmicroadam.privacy import PrivateGradient
+
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+    pg = PrivateGradient(params, clip_norm=1.5, noise_multiplier=2.0, expected_batch_size=8.0,
+                         seed=21)  # fmt: skip
+    sums = [torch.randn(3, 4), torch.randn(5)]
+    pg.accumulate([s.clone() for s in sums], 3)
+    pg.release()
+    gen = torch.Generator().manual_seed(21)
+    for p, s in zip(params, sums, strict=True):
+        z = torch.randn(s.shape, generator=gen, dtype=torch.float32).mul_(2.0 * 1.5)
+        assert torch.equal(p.grad, (s + z) / 8.0)
+
+
+def test_add_is_in_place_and_keeps_the_dtype():
+    noise = GaussianNoise(seed=5)
+    t = torch.zeros(1000, dtype=torch.float64)
+    same = noise.add_(t, 2.0)
+    assert same is t and t.dtype == torch.float64 and 1.8 < float(t.std()) < 2.2
+    with pytest.raises(ValueError, match="std must be finite"):
+        noise.add_(t, float("nan"))

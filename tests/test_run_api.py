@@ -122,3 +122,36 @@ def test_audit_refuses_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="one process"):
         Auditor(cfg)
+
+
+def test_mixed_type_flags_parse_as_text(tmp_path):
+    args = build_parser().parse_args(["train", "--ef-bits", "none", "--topk-block", "whole"])
+    assert args.ef_bits == "none" and args.topk_block == "whole"
+    cfg = resolve_config({"ef_bits": args.ef_bits, "topk_block": args.topk_block})
+    assert cfg.ef_bits is None
+
+
+@pytest.mark.parametrize("optimizer", ["dp-adam", "dp-microadam"])
+def test_adam_eps_as_a_multiple_of_the_noise_std(tmp_path, optimizer):
+    cfg = resolve_config({**FAST, "optimizer": optimizer, "adam_eps_noise": 2.0,
+                          "out": str(tmp_path / optimizer)})  # fmt: skip
+    run = Run(cfg)
+    for group in run.optimizer.param_groups:
+        assert group["eps"] == pytest.approx(2.0 * run.mechanism.noise_std)
+    zero = Run(resolve_config({**FAST, "optimizer": optimizer, "adam_eps_noise": 0.0,
+                               "out": str(tmp_path / f"{optimizer}0")}))  # fmt: skip
+    assert {g["eps"] for g in zero.optimizer.param_groups} == {1e-8}
+    with pytest.raises(ValueError, match="needs a private optimizer"):
+        resolve_config({"optimizer": "adam", "adam_eps_noise": 1.0})
+
+
+def test_cnn_width_multiplier():
+    from dpmicroadam.models import build_model
+
+    sizes = [
+        sum(p.numel() for p in build_model("cnn", (1, 28, 28), 10, width=w).parameters())
+        for w in (1, 2, 4)
+    ]
+    assert sizes[0] == 26010 and sizes[0] < sizes[1] < sizes[2]
+    with pytest.raises(ValueError, match="--width 2 applies to --model cnn only"):
+        resolve_config({"model": "mlp", "width": 2})

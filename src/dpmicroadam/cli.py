@@ -49,7 +49,7 @@ def config_flags(cls: type, exclude: Sequence[str] = ()) -> list[tuple[str, str,
             kw["metavar"] = "A,B,..."
         else:
             kw["type"] = next((t for t in (float, int) if t in accepted), str)
-            if float in accepted and int in accepted:
+            if str in accepted:
                 kw["type"] = str  # e.g. ef_bits: 4, 8 or none; checked when resolved
             # Choices are checked when the config is resolved (one message for flags, TOML and
             # Python); the help lists them.

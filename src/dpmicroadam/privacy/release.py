@@ -186,13 +186,14 @@ class PrivateGradient:
         """
         count = self._count
         divisor = self.expected_batch_size if self.normalize == "expected" else max(count, 1)
-        noise = self.noise.sample_like(self._sums, self.sum_std)
-        for p, acc, z in zip(self.params, self._sums, noise):
-            g = acc.add(z).div_(divisor).to(p.dtype)
+        self.noise.new_release()
+        for p, acc in zip(self.params, self._sums):
+            # Tensor by tensor, in place, on the parameter's device: one tensor's noise at a time.
+            self.noise.add_(acc, self.sum_std).div_(divisor)
             if p.grad is None:
-                p.grad = g
+                p.grad = acc.to(p.dtype, copy=True)
             else:
-                p.grad.copy_(g)
+                p.grad.copy_(acc)
             acc.zero_()
         self._count = 0
         return ReleaseStats(count, float(divisor), self.sum_std / divisor)

@@ -107,6 +107,51 @@ def _read_spec(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"sweep file {str(path)!r} is not valid TOML: {err}") from None
 
 
+SWEEP_KEYS = ("tag", "tuned_by")
+
+
+def check_sweep(
+    path: str | Path, command: str, base: dict[str, Any], blocks: list[dict[str, Any]]
+) -> None:
+    """Check every key and value of a sweep file against the config's fields before any run.
+
+    Raises:
+        ValueError: Naming the file, the block and the key (an unknown key, a value of the
+            wrong type, or ``"tuned"`` where it is not allowed).
+    """
+    import dataclasses
+
+    from dpmicroadam.train.config import TrainConfig, check_types
+
+    if command == "finetune":
+        from dpmicroadam.finetune.config import FinetuneConfig as cls
+    else:
+        cls = TrainConfig
+    names = {f.name for f in dataclasses.fields(cls)}
+    for where, table in [("[base]", base)] + [
+        (f"[[grid]] {i}", b) for i, b in enumerate(blocks, 1)
+    ]:
+        for key, value in table.items():
+            if key in SWEEP_KEYS:
+                continue
+            if key not in names:
+                raise ValueError(
+                    f"sweep file {str(path)!r} {where}: unknown key {key!r}; valid keys: "
+                    f"{sorted(names - {'defaults_source'})}"
+                )
+            for v in (
+                value if isinstance(value, list) and key not in ("labels", "head") else [value]
+            ):
+                if v == "tuned":
+                    if key not in TUNABLE:
+                        raise ValueError(
+                            f"sweep file {str(path)!r} {where}: 'tuned' is not allowed for {key!r}; "
+                            f"only for {TUNABLE}"
+                        )
+                    continue
+                check_types(cls, {key: v}, f"sweep file {str(path)!r} {where}")
+
+
 def sweep_command(path: str | Path) -> str:
     """The command a sweep file runs: ``train`` (default) or ``finetune``."""
     command = _read_spec(path).get("command", "train")
@@ -199,6 +244,7 @@ def run_sweep(
         raise ValueError(f"--jobs must be an int >= 1, got {jobs!r}")
     command = sweep_command(path)
     name, base, blocks = load_sweep(path)
+    check_sweep(path, command, base, blocks)
     results_dir = Path(results_dir)
     runs_dir = results_dir / "runs" / name
     runs_dir.mkdir(parents=True, exist_ok=True)

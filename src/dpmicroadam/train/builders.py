@@ -51,17 +51,21 @@ def build_optimizer(
     """
     groups = param_groups(params, cfg, head)
     name = cfg.optimizer
+    eps = adam_eps(cfg, noise_std)
     if name in ("dp-microadam", "microadam"):
         return optim.MicroAdam(
             groups,
             lr=cfg.lr,
+            eps=eps,
             weight_decay=cfg.weight_decay,
             window_size=cfg.window_size,
             density=cfg.density,
             ef_bits=cfg.ef_bits,
+            topk_block_size=None if cfg.topk_block == "whole" else "auto",
+            value_dtype=getattr(torch, cfg.microadam_values),
         )
     if name in ("dp-adam", "adam"):
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, eps=eps, weight_decay=cfg.weight_decay)
     if name in ("dp-sgd", "sgd"):
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.momentum or 0.0, weight_decay=cfg.weight_decay
@@ -75,6 +79,16 @@ def build_optimizer(
             weight_decay=cfg.weight_decay,
         )
     raise ValueError(f"unknown optimizer {name!r}")  # pragma: no cover - validated in config
+
+
+DEFAULT_EPS = 1e-8
+
+
+def adam_eps(cfg: TrainConfig, noise_std: float) -> float:
+    """Adam's eps: ``adam_eps_noise · σC/B`` when asked (0: the default), else ``adam_eps``."""
+    if cfg.adam_eps_noise is not None:
+        return cfg.adam_eps_noise * noise_std if cfg.adam_eps_noise > 0 else DEFAULT_EPS
+    return cfg.adam_eps if cfg.adam_eps is not None else DEFAULT_EPS
 
 
 def build_schedule(

@@ -60,6 +60,8 @@ class TrainConfig:
     data_dir: str | None = setting(None, "folder with the dataset files")
     download: bool = setting(False, "download the dataset (with checksum) when it is missing")
     model: str | None = setting(None, "model (default by dataset)", choices=MODELS)
+    width: int = setting(1, "channel multiplier of the 28x28 cnn (1: the published 26 k-parameter "
+                         "network)")  # fmt: skip
     optimizer: str = setting("dp-microadam", "the optimizer; dp-* are private", choices=OPTIMIZERS)
     epsilon: float | None = setting(8.0, "target ε; σ is calibrated so ε spent ≤ target")
     delta: float = setting(1e-5, "target δ")
@@ -84,6 +86,16 @@ class TrainConfig:
         None, "MicroAdam density for the classification head (a new head is small: 1.0 keeps "
         "it dense for little memory)")  # fmt: skip
     ef_bits: int | str | None = setting(4, "MicroAdam error-feedback bits: 4, 8 or none (exact)")
+    topk_block: str = setting(
+        "auto", "MicroAdam top-k: auto (blocks of 32768 entries, int16 indices) or whole (the "
+        "whole tensor, as the authors' code)", choices=("auto", "whole"))  # fmt: skip
+    microadam_values: str = setting(
+        "bfloat16", "dtype of MicroAdam's stored window values (float32: as the authors' code)",
+        choices=("bfloat16", "float32"))  # fmt: skip
+    adam_eps: float | None = setting(None, "eps of Adam and MicroAdam (default 1e-8)")
+    adam_eps_noise: float | None = setting(
+        None, "eps of DP-Adam and DP-MicroAdam as a multiple of the released gradient's noise "
+        "std σC/B (0: the default 1e-8); overrides --adam-eps")  # fmt: skip
     adambc_gamma: float = setting(1e-9, "DP-AdamBC floor γ of the corrected second moment")
     augmult: int = setting(1, "augmented views per example K (averaged before clipping)")
     ema: float | None = setting(None, "EMA decay of the weights used for evaluation")
@@ -94,8 +106,11 @@ class TrainConfig:
         "lives only in the checkpoint (keep it as secret as the data). A fixed value makes runs "
         "reproducible; the guarantee then assumes it stays secret")  # fmt: skip
     val_fraction: float = setting(0.1, "fraction of the training data held out for validation")
-    eval_every: int | None = setting(None, "evaluate every N steps")
-    checkpoint_every: int | None = setting(None, "checkpoint every N steps")
+    eval_every: int | None = setting(
+        None, "evaluate every N steps (default: a tenth of the run, at least 50 steps apart; "
+        "always at the end)")  # fmt: skip
+    checkpoint_every: int | None = setting(
+        None, "checkpoint every N steps (default: at each evaluation; always at the end)")
     engine: str = setting("auto", "per-example gradient engine", choices=ENGINES)
     normalize: str = setting("expected", "divide the noisy sum by the expected or the realized "
                              "batch size", choices=NORMALIZE)  # fmt: skip
@@ -248,7 +263,9 @@ def check_types(cls: type, values: dict[str, Any], where: str) -> None:
         if ok and isinstance(value, list):
             ok = all(isinstance(v, str) for v in value)
         if not ok:
-            names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in accepted)
+            names = " or ".join(
+                _TYPE_NAMES.get(t, t.__name__) for t in accepted if t is not type(None)
+            )
             raise ValueError(f"{where}: {key} = {value!r} has the wrong type; {key} takes {names}")
 
 
@@ -415,6 +432,13 @@ def _validate_values(cfg: TrainConfig) -> None:
         flag = "--" + key.replace("_", "-")
         need(value is None or value >= 1, f"{flag} must be >= 1 (steps), got {value!r}")
     need(cfg.window_size >= 1, f"--window-size must be >= 1, got {cfg.window_size!r}")
+    need(cfg.width >= 1, f"--width must be >= 1, got {cfg.width!r}")
+    need(cfg.width == 1 or cfg.model == "cnn", f"--width {cfg.width} applies to --model cnn only")
+    need(cfg.adam_eps is None or cfg.adam_eps > 0, f"--adam-eps must be > 0, got {cfg.adam_eps!r}")
+    need(
+        cfg.adam_eps_noise is None or (cfg.adam_eps_noise >= 0 and cfg.private),
+        f"--adam-eps-noise must be >= 0 and needs a private optimizer, got {cfg.adam_eps_noise!r}",
+    )
     if cfg.steps is not None:
         need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps!r}")
     else:

@@ -46,6 +46,8 @@ from dpmicroadam.train.metrics import MetricsLog
 from dpmicroadam.train.state import RunState
 from dpmicroadam.train.task import cross_entropy_per_row, evaluate
 
+MIN_INTERVAL = 50  # steps between default evaluations and checkpoints
+
 __all__ = ["CHECKPOINT", "ResumeMismatch", "Run", "RunHooks", "TrainingDiverged", "train"]
 
 
@@ -114,7 +116,9 @@ class Run:
             ema=EMA(self.params, cfg.ema) if cfg.ema else None,
             augment_rng=torch.Generator().manual_seed(derive_seed(cfg.seed, "augment")),
         )
-        self.eval_every = cfg.eval_every or max(1, self.total_steps // 10)
+        # Default cadence: ten evaluations (and checkpoints) a run, at least MIN_INTERVAL steps
+        # apart (each costs an evaluation, an exact ε and a file write), and always the last step.
+        self.eval_every = cfg.eval_every or max(MIN_INTERVAL, self.total_steps // 10)
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
         self.step_seconds, self.steps_timed = 0.0, 0  # time in steps only, this process
         if self.dist.is_main:

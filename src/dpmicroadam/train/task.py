@@ -97,8 +97,9 @@ def default_task(cfg: TrainConfig) -> Task:
     """`train`'s task: a dataset of ``dpmicroadam.data`` and a model of ``dpmicroadam.models``."""
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     x_tr, y_tr, x_val, y_val = validation_split(data.x_train, data.y_train, cfg.val_fraction)
+    kwargs = {"width": cfg.width} if cfg.width != 1 else {}
     with seeded_init(cfg):
-        model = build_model(cfg.model, tuple(data.input_shape), data.num_classes)
+        model = build_model(cfg.model, tuple(data.input_shape), data.num_classes, **kwargs)
     return Task(x_tr, y_tr, x_val, y_val, data.x_test, data.y_test, model)
 
 

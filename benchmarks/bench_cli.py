@@ -1,0 +1,140 @@
+"""DP against non-private time per step through the real `dpmicroadam train` entry point.
+
+What users pay is the whole run, not the DP step alone: start-up, ε for the progress bar,
+evaluations and checkpoints. For each model, this times ``dpmicroadam train`` (``cli.main``, the
+entry point of the command, called in this process after a warm-up run so that import time does
+not blur millisecond steps; ``--subprocess`` starts a fresh process per run instead) for 1 and for
+``--steps`` steps, on the same random npz data, privately (``dp-sgd``) and not (``sgd``).
+Start-up and the final evaluation cancel in the difference, so
+
+    per_step = (time(steps) - time(1)) / (steps - 1)
+
+and the printed ratio is DP per_step / non-private per_step, from runs interleaved in the same
+invocation (the machine is shared and noisy: compare ratios, not seconds). One JSON line per
+model; ``--out FILE`` appends them.
+
+    python benchmarks/bench_cli.py                       # mlp, cnn, wrn16-4; 21 steps; batch 64
+    python benchmarks/bench_cli.py --models mlp --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {"mlp": (28, 28, 1), "cnn": (28, 28, 1), "wrn16-4": (32, 32, 3)}  # N x H x W x C npz
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_data(folder: Path, shape: tuple[int, ...], n_train: int, n_test: int) -> Path:
+    rng = np.random.default_rng(0)
+    path = folder / f"data-{'x'.join(map(str, shape))}.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+        y_train=np.arange(n_train) % 10,
+        x_test=rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
+        y_test=np.arange(n_test) % 10,
+    )
+    return path
+
+
+def time_run(data: Path, model: str, optimizer: str, steps: int, args, out: Path) -> float:
+    argv = [
+        sys.executable, "-m", "dpmicroadam", "train", "--dataset", f"npz:{data}",
+        "--model", model, "--optimizer", optimizer, "--steps", str(steps),
+        "--batch-size", str(args.batch_size),
+        "--lr", "0.1", "--val-fraction", "0.1", "--no-progress", "--json", "--out", str(out),
+    ]  # fmt: skip
+    if optimizer.startswith("dp-"):
+        argv += ["--noise-multiplier", "1.0", "--clip-norm", "1.0"]
+    if args.subprocess:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, env=env, capture_output=True)
+        return time.perf_counter() - start
+    import contextlib
+    import io
+
+    from dpmicroadam.cli import main as cli_main
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli_main(argv[3:])
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"dpmicroadam {' '.join(argv[3:])} exited with {code}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=21)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--test-size", type=int, default=500)
+    parser.add_argument("--out", help="append the JSON rows to this file")
+    parser.add_argument("--subprocess", action="store_true", help="a fresh process per run")
+    args = parser.parse_args()
+    if not args.subprocess:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for model in args.models:
+            data = make_data(folder, SHAPES[model], args.train_size, args.test_size)
+            per_step: dict[str, list[float]] = {"dp-sgd": [], "sgd": []}
+            for optimizer in ("dp-sgd", "sgd"):  # warm-up: caches, lazy imports
+                time_run(data, model, optimizer, 2, args, folder / f"warm-{model}-{optimizer}")
+            for r in range(args.repeats):
+                for optimizer in ("dp-sgd", "sgd"):  # interleaved: drift hits both alike
+                    t = {
+                        s: time_run(data, model, optimizer, s, args, folder / f"{model}-{optimizer}-{s}-{r}")
+                        for s in (1, args.steps)
+                    }
+                    per_step[optimizer].append((t[args.steps] - t[1]) / (args.steps - 1))
+            dp, plain = statistics.median(per_step["dp-sgd"]), statistics.median(per_step["sgd"])
+            row = {
+                "bench": "cli",
+                "commit": _commit(),
+                "model": model,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "dp_ms_per_step": round(1000 * dp, 2),
+                "nonprivate_ms_per_step": round(1000 * plain, 2),
+                "ratio": round(dp / plain, 3),
+                "dp_runs_ms": [round(1000 * v, 1) for v in per_step["dp-sgd"]],
+                "nonprivate_runs_ms": [round(1000 * v, 1) for v in per_step["sgd"]],
+            }
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
