@@ -22,6 +22,9 @@ SETTING_KEYS = (
     "window_size",
     "ef_bits",
     "augmult",
+    "width",
+    "adam_eps_noise",
+    "topk_block",
 )
 # For each tag: the column on the x axis of its plot, and whether that axis is logarithmic.
 PLOTS = {

@@ -20,7 +20,8 @@ row per run is appended to ``results/<name>.csv``.
 A top-level ``command = "finetune"`` runs `dpmicroadam finetune` instead of `train` (the keys are
 then FinetuneConfig fields). A block may say which settings a ``"tuned"`` value must share with
 the tuning run it is taken from, e.g. ``tuned_by = ["optimizer", "trainable", "epsilon"]``
-(default: the optimizer only). A non-private optimizer (adam, sgd, microadam) in a grid drops the
+(default: the optimizer only), and ``tuned_from`` the tag of the rows it is chosen from
+(default ``"tune"``). A non-private optimizer (adam, sgd, microadam) in a grid drops the
 privacy settings of ``[base]`` (ε, δ, C, ...), which do not apply to it. A study is meant to be
 reproduced: a run's ``noise_seed`` is its ``seed`` unless set (its summary then says that the
 guarantee assumes the seed stays secret). ``--jobs N`` runs N runs of a block at once, each in a fresh
@@ -77,6 +78,9 @@ COLUMNS = [
     "optimizer_state_bytes",
     "peak_memory_mb",
     "seconds_per_step",
+    "width",
+    "adam_eps_noise",
+    "topk_block",
     "settings",  # the run's settings as given (JSON): what "tuned" copies from a tuning run
 ]
 COMMANDS = ("train", "finetune")
@@ -107,7 +111,7 @@ def _read_spec(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"sweep file {str(path)!r} is not valid TOML: {err}") from None
 
 
-SWEEP_KEYS = ("tag", "tuned_by")
+SWEEP_KEYS = ("tag", "tuned_by", "tuned_from")
 
 
 def check_sweep(
@@ -173,6 +177,7 @@ def expand_block(
     block = dict(block)
     tag = str(block.pop("tag", "grid"))
     tuned_by = block.pop("tuned_by", ["optimizer"])
+    tuned_from = str(block.pop("tuned_from", "tune"))
     if not isinstance(tuned_by, list) or not all(isinstance(k, str) for k in tuned_by):
         raise ValueError(f"tuned_by must be a list of setting names, got {tuned_by!r}")
     keys = sorted(block)
@@ -184,7 +189,7 @@ def expand_block(
         tuned = [k for k, v in settings.items() if v == "tuned"]
         if tuned:
             settings.setdefault("optimizer", "dp-microadam")
-            rec = best_matching(records, {k: settings.get(k) for k in tuned_by})
+            rec = best_matching(records, {k: settings.get(k) for k in tuned_by}, tag=tuned_from)
             if rec is None:
                 continue
             given = json.loads(rec["settings"]) if rec.get("settings") else None
