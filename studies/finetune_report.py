@@ -1,0 +1,209 @@
+"""Tables and plots of the fine-tuning study (results/finetune-wordnet.csv) for docs/results.md.
+
+    python studies/finetune_report.py [--csv results/finetune-wordnet.csv]
+
+Writes results/finetune-wordnet-summary.md (mode × optimizer × ε, mean ± std over the seeds of
+each optimizer's tuned setting, with trainable parameters, optimizer state, peak memory and
+seconds per step) and two plots: test accuracy per mode at ε = 8 and 3, and accuracy against
+optimizer state. The tuned setting of an optimizer in a mode is its best `tune` row on the
+validation split; the test split chooses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+MODES = ("head", "bias", "lora", "all")
+OPTIMIZERS = ("dp-microadam", "dp-adam", "dp-sgd")
+LABEL = {"dp-microadam": "DP-MicroAdam", "dp-adam": "DP-Adam", "dp-sgd": "DP-SGD", "adam": "Adam"}
+
+
+def _f(v: str) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _key(row: dict[str, str]) -> tuple:
+    """The run's setting without its seed and ε (what tuning chose)."""
+    settings = json.loads(row.get("settings") or "{}")
+    settings.pop("seed", None)
+    settings.pop("epsilon", None)
+    return tuple(sorted((k, str(v)) for k, v in settings.items()))
+
+
+def tuned(rows: list[dict[str, str]]) -> dict[tuple[str, str], dict[str, str]]:
+    """(mode, optimizer) -> the best `tune` row on validation."""
+    best: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rows:
+        if r["tag"] != "tune" or r["status"] != "ok" or _f(r["val_accuracy"]) is None:
+            continue
+        k = (r["trainable"], r["optimizer"])
+        if k not in best or _f(r["val_accuracy"]) > _f(best[k]["val_accuracy"]):
+            best[k] = r
+    return best
+
+
+def cells(rows: list[dict[str, str]]) -> dict[tuple[str, str, float], dict]:
+    """(mode, optimizer, ε) -> test accuracies over the seeds of the tuned setting, and costs."""
+    best = tuned(rows)
+    out: dict[tuple[str, str, float], dict] = {}
+    groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        if r["tag"] in ("tune", "seeds") and r["status"] == "ok":
+            groups[(r["trainable"], r["optimizer"], _f(r["target_epsilon"]), _key(r))].append(r)
+    for (mode, opt), rec in best.items():
+        for (m, o, eps, key), members in groups.items():
+            if (m, o) != (mode, opt) or key != _key(rec):
+                continue
+            seeds = {r["seed"]: r for r in members}  # the tune row and its seed-0 twin are one run
+            tests = [_f(r["test_accuracy"]) for r in seeds.values()]
+            out[(mode, opt, eps)] = {
+                "test": tests,
+                "lr": rec["lr"],
+                "state_bytes": _f(members[0]["optimizer_state_bytes"]),
+                "trainable": _f(members[0]["trainable_parameters"]),
+                "peak_mb": statistics.fmean(_f(r["peak_memory_mb"]) for r in members),
+                "sec_per_step": statistics.fmean(_f(r["seconds_per_step"]) for r in members),
+            }
+    return out
+
+
+def ceilings(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    best: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["tag"] == "ceiling" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
+            m = r["trainable"]
+            if m not in best or _f(r["val_accuracy"]) > _f(best[m]["val_accuracy"]):
+                best[m] = r
+    return best
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f} ({len(values)})"
+
+
+def _mb(b: float | None) -> str:
+    if b is None:
+        return "–"
+    return f"{b / 2**20:.2f} MB" if b >= 2**20 else f"{b / 1024:.1f} kB"
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    c, ceil = cells(rows), ceilings(rows)
+    epsilons = sorted({eps for (_, _, eps) in c if eps is not None}, reverse=True)
+    head = "| mode | optimizer | lr | " + " | ".join(f"ε = {e:g}" for e in epsilons)
+    head += " | trainable params | optimizer state | peak RSS | s/step |\n"
+    head += "|" + "---|" * (4 + len(epsilons) + 3) + "\n"
+    lines = []
+    for mode in MODES:
+        for opt in OPTIMIZERS:
+            any_cell = next((c[(mode, opt, e)] for e in epsilons if (mode, opt, e) in c), None)
+            if any_cell is None:
+                continue
+            accs = " | ".join(_pm(c.get((mode, opt, e), {}).get("test", [])) for e in epsilons)
+            lines.append(
+                f"| {mode} | {LABEL[opt]} | {any_cell['lr']} | {accs} | "
+                f"{int(any_cell['trainable']):,} | {_mb(any_cell['state_bytes'])} | "
+                f"{any_cell['peak_mb']:.0f} MB | {any_cell['sec_per_step']:.2f} |"
+            )
+        if mode in ceil:
+            r = ceil[mode]
+            blank = " | ".join("" for _ in epsilons)
+            lines.append(
+                f"| {mode} | Adam, not private (ceiling) | {r['lr']} | {blank} | "
+                f"{int(_f(r['trainable_parameters'])):,} | {_mb(_f(r['optimizer_state_bytes']))} | "
+                f"{_f(r['peak_memory_mb']):.0f} MB | {_f(r['seconds_per_step']):.2f} |"
+            )
+            lines[-1] = lines[-1].replace(f"| {blank} |", f"| {100 * _f(r['test_accuracy']):.1f} (non-private) |" + " |" * (len(epsilons) - 1), 1)
+    return head + "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict[str, str]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = cells(rows)
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120, sharey=True)
+    for ax, eps in zip(axes, (8.0, 3.0), strict=True):
+        modes = [m for m in MODES if any((m, o, eps) in c for o in OPTIMIZERS)]
+        for j, opt in enumerate(OPTIMIZERS):
+            xs, ys, es = [], [], []
+            for i, m in enumerate(modes):
+                tests = c.get((m, opt, eps), {}).get("test", [])
+                if tests:
+                    xs.append(i + (j - 1) * 0.25)
+                    ys.append(100 * statistics.fmean(tests))
+                    es.append(100 * statistics.stdev(tests) if len(tests) > 1 else 0)
+            ax.bar(xs, ys, width=0.25, yerr=es, capsize=2, label=LABEL[opt])
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_title(f"ε = {eps:g}, δ = 1e-5", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("MiniLM on WordNet noun supersenses (26 classes), 3 seeds", fontsize=9)
+    fig.tight_layout()
+    path = out / "finetune-wordnet-modes.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    markers = {"head": "o", "bias": "s", "lora": "^", "all": "D"}
+    for (mode, opt, eps), cell in c.items():
+        if eps != 8.0 or not cell["test"] or not cell["state_bytes"]:
+            continue
+        ax.scatter(cell["state_bytes"], 100 * statistics.fmean(cell["test"]),
+                   marker=markers[mode], color=f"C{OPTIMIZERS.index(opt)}")  # fmt: skip
+        ax.annotate(mode, (cell["state_bytes"], 100 * statistics.fmean(cell["test"])),
+                    fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    for j, opt in enumerate(OPTIMIZERS):
+        ax.scatter([], [], color=f"C{j}", label=LABEL[opt])
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer state (bytes)")
+    ax.set_ylabel("test accuracy (%), ε = 8")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "finetune-wordnet-memory.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--csv", default="results/finetune-wordnet.csv")
+    args = ap.parse_args()
+    path = Path(args.csv)
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    text = (
+        f"# Fine-tuning study: {len(rows)} runs (`{path}`)\n\n"
+        "Test accuracy in %, mean ± std (number of seeds) of each optimizer's tuned setting "
+        "(best validation accuracy among its `tune` runs at ε = 8; ε = 3 and 1 reuse it).\n\n"
+        + table(rows)
+    )
+    out = path.parent / "finetune-wordnet-summary.md"
+    out.write_text(text)
+    print(text)
+    for p in plots(rows, path.parent):
+        print("wrote", p)
+
+
+if __name__ == "__main__":
+    main()
