@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 from dpmicroadam.accounting._validate import (
     check_accountant,
@@ -101,6 +102,25 @@ def _calibrate(
         eps = _epsilon(sigma, q, t, delta, kind)
         return math.log(eps / eps_target) if eps > 0 else -math.inf
 
+    bracket = _bracket(gap, eps_target, delta, q, t, kind, sigma_max)
+    if bracket is None:
+        return MIN_NOISE_MULTIPLIER
+    return _shrink(gap, *bracket, rtol)
+
+
+Point = tuple[float, float]  # (log σ, gap)
+
+
+def _bracket(
+    gap: Callable[[float], float],
+    eps_target: float,
+    delta: float,
+    q: float,
+    t: int,
+    kind: str,
+    sigma_max: float,
+) -> tuple[Point, Point] | None:
+    """(lo, hi): lo fails the budget, hi meets it; None when even the smallest σ meets it."""
     # 1. Bracket: lo fails the budget, hi meets it. Start from the Gaussian-mechanism-like
     #    guess q·sqrt(2T·log(1.25/δ))/ε and take Newton-like steps in log σ. log ε falls at
     #    least as fast as log σ rises (slope <= -1: ε ~ 1/σ for large σ, ~1/σ² for small), so
@@ -118,7 +138,7 @@ def _calibrate(
         if f <= 0 and (hi is None or x < hi[0]):
             hi = (x, f)
         if lo is not None and hi is not None:
-            break
+            return lo, hi
         if hi is None and x >= x_max:
             raise ValueError(
                 f"no noise_multiplier up to max_noise_multiplier={sigma_max:g} meets "
@@ -128,7 +148,7 @@ def _calibrate(
                 "target_epsilon, or lower steps or sample_rate (smaller expected_batch_size)"
             )
         if lo is None and x <= x_min:
-            return MIN_NOISE_MULTIPLIER
+            return None
         step = 1.1 * f / slope if math.isfinite(f) else math.copysign(math.log(4.0), f)
         step = math.copysign(min(max(abs(step), math.log(1.01)), math.log(4.0)), step)
         x_new = min(max(x + step, x_min), x_max)
@@ -137,6 +157,9 @@ def _calibrate(
             slope = max((f - f_new) / (x_new - x), 0.5)
         x, f = x_new, f_new
 
+
+def _shrink(gap: Callable[[float], float], lo: Point, hi: Point, rtol: float) -> float:
+    """Shrink the bracket until hi/lo <= 1 + rtol; return hi's σ (it meets the budget)."""
     # 2. Shrink the bracket to hi/lo <= 1 + rtol. log ε is nearly linear in log σ, so
     #    interpolate the root and probe just above and just below it: when the interpolation
     #    is good (after a round or two) one round closes the bracket. Any round that fails to

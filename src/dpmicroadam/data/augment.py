@@ -41,21 +41,7 @@ def augment_views(
         ValueError: on a bad shape, ``augmult`` or ``pad``.
         TypeError: if ``x`` is not floating point or ``generator`` is not a torch.Generator.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a (b, C, H, W) tensor, got {shape}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be floating point, got dtype {x.dtype}; convert images first")
-    if isinstance(augmult, bool) or not isinstance(augmult, int) or augmult < 1:
-        raise ValueError(f"augmult={augmult!r} must be an integer >= 1")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    b, c, h, w = x.shape
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0 or pad >= min(h, w):
-        raise ValueError(
-            f"pad={pad!r} must be an integer in [0, {min(h, w) - 1}] for {h}x{w} images "
-            "(reflect padding needs pad < image size)"
-        )
+    b, c, h, w = _check_views_args(x, augmult, generator, pad)
     n = b * augmult
     if pad == 0 and not flip:
         return x.unsqueeze(1).expand(b, augmult, c, h, w).clone()
@@ -87,3 +73,25 @@ def augment_views(
         cols[:, None, None, :],
     ]  # (n, C, H, W)
     return views.view(b, augmult, c, h, w)
+
+
+def _check_views_args(
+    x: torch.Tensor, augmult: int, generator: torch.Generator, pad: int
+) -> tuple[int, int, int, int]:
+    """Validate :func:`augment_views`' arguments; return ``(b, C, H, W)``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a (b, C, H, W) tensor, got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got dtype {x.dtype}; convert images first")
+    if isinstance(augmult, bool) or not isinstance(augmult, int) or augmult < 1:
+        raise ValueError(f"augmult={augmult!r} must be an integer >= 1")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    b, c, h, w = x.shape
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0 or pad >= min(h, w):
+        raise ValueError(
+            f"pad={pad!r} must be an integer in [0, {min(h, w) - 1}] for {h}x{w} images "
+            "(reflect padding needs pad < image size)"
+        )
+    return b, c, h, w
