@@ -19,8 +19,19 @@ from collections import defaultdict
 from pathlib import Path
 
 MODES = ("head", "bias", "lora", "all")
-OPTIMIZERS = ("dp-microadam", "dp-adam", "dp-sgd")
-LABEL = {"dp-microadam": "DP-MicroAdam", "dp-adam": "DP-Adam", "dp-sgd": "DP-SGD", "adam": "Adam"}
+OPTIMIZERS = ("dp-microadam", "dp-microadam+dense-head", "dp-adam", "dp-sgd")
+LABEL = {
+    "dp-microadam": "DP-MicroAdam",
+    "dp-microadam+dense-head": "DP-MicroAdam, dense head",
+    "dp-adam": "DP-Adam",
+    "dp-sgd": "DP-SGD",
+    "adam": "Adam",
+}
+
+
+def variant(row: dict[str, str]) -> str:
+    """The optimizer, told apart by its dense-head option."""
+    return row["optimizer"] + ("+dense-head" if row.get("density_head") else "")
 
 
 def _f(v: str) -> float | None:
@@ -44,7 +55,7 @@ def tuned(rows: list[dict[str, str]]) -> dict[tuple[str, str], dict[str, str]]:
     for r in rows:
         if r["tag"] != "tune" or r["status"] != "ok" or _f(r["val_accuracy"]) is None:
             continue
-        k = (r["trainable"], r["optimizer"])
+        k = (r["trainable"], variant(r))
         if k not in best or _f(r["val_accuracy"]) > _f(best[k]["val_accuracy"]):
             best[k] = r
     return best
@@ -57,7 +68,7 @@ def cells(rows: list[dict[str, str]]) -> dict[tuple[str, str, float], dict]:
     groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
     for r in rows:
         if r["tag"] in ("tune", "seeds") and r["status"] == "ok":
-            groups[(r["trainable"], r["optimizer"], _f(r["target_epsilon"]), _key(r))].append(r)
+            groups[(r["trainable"], variant(r), _f(r["target_epsilon"]), _key(r))].append(r)
     for (mode, opt), rec in best.items():
         for (m, o, eps, key), members in groups.items():
             if (m, o) != (mode, opt) or key != _key(rec):
@@ -145,10 +156,10 @@ def plots(rows: list[dict[str, str]], out: Path) -> list[Path]:
             for i, m in enumerate(modes):
                 tests = c.get((m, opt, eps), {}).get("test", [])
                 if tests:
-                    xs.append(i + (j - 1) * 0.25)
+                    xs.append(i + (j - 1.5) * 0.2)
                     ys.append(100 * statistics.fmean(tests))
                     es.append(100 * statistics.stdev(tests) if len(tests) > 1 else 0)
-            ax.bar(xs, ys, width=0.25, yerr=es, capsize=2, label=LABEL[opt])
+            ax.bar(xs, ys, width=0.2, yerr=es, capsize=2, label=LABEL[opt])
         ax.set_xticks(range(len(modes)), modes)
         ax.set_title(f"ε = {eps:g}, δ = 1e-5", fontsize=9)
         ax.grid(axis="y", alpha=0.3)

@@ -25,6 +25,7 @@ SETTING_KEYS = (
     "width",
     "adam_eps_noise",
     "topk_block",
+    "density_head",
 )
 # For each tag: the column on the x axis of its plot, and whether that axis is logarithmic.
 PLOTS = {

@@ -81,6 +81,7 @@ COLUMNS = [
     "width",
     "adam_eps_noise",
     "topk_block",
+    "density_head",
     "settings",  # the run's settings as given (JSON): what "tuned" copies from a tuning run
 ]
 COMMANDS = ("train", "finetune")
