@@ -18,7 +18,9 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from dpmicroadam.train.config import ACCOUNTANTS, TrainConfig, field_types
+from dpmicroadam.train.checks import field_types
+from dpmicroadam.train.config import TrainConfig
+from dpmicroadam.train.names import ACCOUNTANTS
 
 EXIT_USAGE = 2
 EXIT_STOPPED = 3

@@ -9,7 +9,8 @@ from typing import Any
 
 from dpmicroadam.data.wordnet import WORDNET_DATASETS
 from dpmicroadam.models.trainable import TRAINABLE_MODES
-from dpmicroadam.train.config import DATASETS, TrainConfig, resolve_config, setting
+from dpmicroadam.train.config import TrainConfig, resolve_config, setting
+from dpmicroadam.train.names import DATASETS
 
 __all__ = ["FINETUNE_DEFAULTS", "FinetuneConfig", "resolve_finetune_config"]
 

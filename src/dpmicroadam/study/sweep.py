@@ -43,7 +43,8 @@ from typing import Any
 
 from dpmicroadam.study.report import best_matching, summarize, write_report
 from dpmicroadam.train import CHECKPOINT, Run, TrainingDiverged, resolve_config
-from dpmicroadam.train.config import PRIVACY_SETTINGS, PUBLIC_OPTIMIZERS
+from dpmicroadam.train.checks import PRIVACY_SETTINGS
+from dpmicroadam.train.names import PUBLIC_OPTIMIZERS
 
 COLUMNS = [
     "run_id",
@@ -126,7 +127,8 @@ def check_sweep(
     """
     import dataclasses
 
-    from dpmicroadam.train.config import TrainConfig, check_types
+    from dpmicroadam.train.checks import check_types
+    from dpmicroadam.train.config import TrainConfig
 
     if command == "finetune":
         from dpmicroadam.finetune.config import FinetuneConfig as cls
