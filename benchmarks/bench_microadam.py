@@ -1,23 +1,28 @@
 """MicroAdam step time and state size on the parameter shapes of WRN-16-4.
 
 Prints one JSON line per configuration; ratios against ``torch.optim.AdamW(foreach=True)`` are
-measured in the same run (these machines are noisy). Usage::
+measured in the same run (these machines are noisy). ``first_step_ms`` is the first step of the
+configuration's first run in the process: for ``microadam_compiled`` it includes compiling, and
+``compile_s`` is the time spent in the first calls of the compiled stages. Usage::
 
     python benchmarks/bench_microadam.py [--device cpu] [--steps 30] [--dtype float32] [--cold]
+        [--threads N] [--repeats N] [--configs NAME ...] [--fresh-inductor-cache]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 
-from dpmicroadam.optim import MicroAdam, state_bytes
+from dpmicroadam.optim import MicroAdam, compiled, state_bytes
 
 
 def wrn16_4_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
@@ -90,7 +95,7 @@ def measure(
         for q, g in zip(others, grads[1]):
             q.grad = g.clone()
         sweeper = torch.optim.AdamW(others, lr=1e-3, foreach=True)
-    times, cpu_times = [], []
+    times, cpu_times, first_ms = [], [], None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -103,6 +108,8 @@ def measure(
         start, cpu_start = time.perf_counter(), time.process_time()
         opt.step()
         _sync(device)
+        if i == 0:
+            first_ms = (time.perf_counter() - start) * 1e3
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
             cpu_times.append((time.process_time() - cpu_start) * 1e3)
@@ -123,6 +130,7 @@ def measure(
         "median_ms": round(statistics.median(times), 3),
         "min_ms": round(min(times), 3),
         "cpu_ms": round(statistics.median(cpu_times), 3),
+        "first_step_ms": round(first_ms, 1),
         "peak_extra_mib": None if peak is None else round(peak, 1),
         "state_bytes": sb,
         "bytes_per_param": round(sb / numel, 4),
@@ -132,6 +140,7 @@ def measure(
 CONFIGS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
     "microadam_default": lambda ps: MicroAdam(ps, lr=1e-3),
+    "microadam_compiled": lambda ps: MicroAdam(ps, lr=1e-3, implementation="compiled"),
     "microadam_ef8": lambda ps: MicroAdam(ps, lr=1e-3, ef_bits=8),
     "microadam_exact_ef": lambda ps: MicroAdam(ps, lr=1e-3, ef_bits=None),
     "microadam_dense_1d": lambda ps: MicroAdam(
@@ -157,7 +166,14 @@ def main() -> None:
     parser.add_argument(
         "--cold", action="store_true", help="sweep the caches with another AdamW step before each"
     )
+    parser.add_argument(
+        "--fresh-inductor-cache",
+        action="store_true",
+        help="compile into an empty TORCHINDUCTOR_CACHE_DIR (the first compile on a machine)",
+    )
     args = parser.parse_args()
+    if args.fresh_inductor_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -171,8 +187,13 @@ def main() -> None:
     baseline = results.get("adamw_foreach", [{"median_ms": float("nan"), "cpu_ms": float("nan")}])
     base = statistics.median(r["median_ms"] for r in baseline)
     cpu_base = statistics.median(r["cpu_ms"] for r in baseline)
-    for runs in results.values():
+    for name, runs in results.items():
         row = dict(runs[-1])
+        row["first_step_ms"] = runs[0]["first_step_ms"]
+        if name == "microadam_compiled":
+            row["compile_s"] = round(compiled.compile_seconds(), 2)
+            row["compile_failure"] = compiled.compile_failure()
+            row["fresh_inductor_cache"] = args.fresh_inductor_cache
         row["median_ms"] = round(statistics.median(r["median_ms"] for r in runs), 3)
         row["cpu_ms"] = round(statistics.median(r["cpu_ms"] for r in runs), 3)
         row["ratio_to_adamw"] = round(row["median_ms"] / base, 2)

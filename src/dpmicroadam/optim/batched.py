@@ -100,80 +100,95 @@ def batched_step(
     numels = tuple(p.numel() for p in params)
     plan = make_plan(numels, tuple(keep_count(hp.density, n) for n in numels), hp.ef_bits, dev)
     t = int(states[0]["step"]) + 1
-    n, total = len(params), sum(numels)
-    # 1. a <- g + dequant(e)
-    if hp.ef_bits is None:
-        scratch = torch.cat([st["ef"] for st in states])
-        a = scratch + grad.to(comp)
-    else:
-        levels = float(2**hp.ef_bits - 1)
-        codes = torch.cat([st["ef_codes"] for st in states])
-        lo = torch.cat([st["ef_min"] for st in states])
-        hi = torch.cat([st["ef_max"] for st in states])
-        a = torch.empty(total, dtype=comp, device=dev)
-        if hp.ef_bits == 8:
-            a.copy_(codes)
-        else:
-            a.index_copy_(0, plan.low_dst, (codes & 0x0F).to(comp))
-            a.index_copy_(0, plan.high_dst, (codes.index_select(0, plan.high_src) >> 4).to(comp))
-        a.mul_(((hi - lo) / levels).index_select(0, plan.seg)).add_(lo.index_select(0, plan.seg))
-        a.add_(grad)
-        scratch = a
-    # 2. top-k by |a| per tensor: rows of a padded matrix, padding below any magnitude
-    mag = torch.full((n * plan.width,), -1.0, dtype=comp, device=dev).index_copy_(
-        0, plan.pad_pos, a.abs()
-    )
-    ranked = torch.topk(mag.view(n, plan.width), plan.keep_mask.shape[1], dim=1).indices
-    local = ranked[plan.keep_mask]
-    glob = local + plan.sel_offsets
+    a, scratch = _decode(plan, states, grad, hp, comp)
+    local, glob = _select(plan, a)
     values = a.index_select(0, glob)
     finite = torch.isfinite(values)
     if not finite.all():
-        bad = int(
-            torch.repeat_interleave(torch.arange(n), torch.tensor(plan.keeps))[
-                int((~finite).nonzero()[0])
-            ]
-        )
-        raise_overflow(names[bad])
-    # 3. a[sel] <- 0; e <- quant(a)
+        member = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(plan.keeps))
+        raise_overflow(names[int(member[int((~finite).nonzero()[0])])])
     a.index_fill_(0, glob, 0)
-    if hp.ef_bits is None:
-        torch._foreach_copy_([st["ef"] for st in states], list(a.split(numels)))
-    else:
-        lo = torch.full((n,), float("inf"), dtype=comp, device=dev).scatter_reduce_(
-            0, plan.seg, a, "amin"
-        )
-        hi = torch.full((n,), -float("inf"), dtype=comp, device=dev).scatter_reduce_(
-            0, plan.seg, a, "amax"
-        )
-        step = (hi - lo) / levels
-        step = torch.where(step > 0, step, torch.ones_like(step))
-        a.sub_(lo.index_select(0, plan.seg)).div_(step.index_select(0, plan.seg)).add_(0.5).floor_()
-        if hp.ef_bits == 4:
-            packed = a.index_select(0, plan.low_dst)
-            packed.index_add_(0, plan.high_src, a.index_select(0, plan.high_dst), alpha=16)
-        else:
-            packed = a
-        packed = packed.to(torch.int32).to(torch.uint8)
-        torch._foreach_copy_([st["ef_codes"] for st in states], list(packed.split(plan.nbytes)))
-        torch._foreach_copy_([st["ef_min"] for st in states], list(lo.split(1)))
-        torch._foreach_copy_([st["ef_max"] for st in states], list(hi.split(1)))
+    _encode(plan, a, states, hp)
     slot = (t - 1) % hp.window_size
     torch._foreach_copy_([st["indices"][slot] for st in states], list(local.split(plan.keeps)))
     torch._foreach_copy_([st["values"][slot] for st in states], list(values.split(plan.keeps)))
-    for st in states:
-        st["step"].fill_(t)
-    # 4. window moments at the window's coordinates, 5. u, 6. update
+    torch._foreach_add_([st["step"] for st in states], 1)
+    _update(plan, params, states, scratch, hp, t)
+
+
+def _decode(
+    plan: Plan, states: list[dict[str, Tensor]], grad: Tensor, hp: Hyper, comp: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """SPEC step 1, ``a = g + dequant(e)``; returns ``(a, scratch)`` (the same buffer, or the
+    old exact error feedback, which the window moments may overwrite)."""
+    if hp.ef_bits is None:
+        scratch = torch.cat([st["ef"] for st in states])
+        return scratch + grad.to(comp), scratch
+    levels = float(2**hp.ef_bits - 1)
+    codes = torch.cat([st["ef_codes"] for st in states])
+    lo = torch.cat([st["ef_min"] for st in states])
+    hi = torch.cat([st["ef_max"] for st in states])
+    a = torch.empty(plan.seg.numel(), dtype=comp, device=codes.device)
+    if hp.ef_bits == 8:
+        a.copy_(codes)
+    else:
+        a.index_copy_(0, plan.low_dst, (codes & 0x0F).to(comp))
+        a.index_copy_(0, plan.high_dst, (codes.index_select(0, plan.high_src) >> 4).to(comp))
+    a.mul_(((hi - lo) / levels).index_select(0, plan.seg)).add_(lo.index_select(0, plan.seg))
+    return a.add_(grad), a
+
+
+def _select(plan: Plan, a: Tensor) -> tuple[Tensor, Tensor]:
+    """SPEC step 2, top-k by ``|a|`` per tensor: rows of a padded matrix whose padding ranks
+    below any magnitude. Returns the tensor-local and the flat indices of the selection."""
+    n = len(plan.numels)
+    mag = torch.full((n * plan.width,), -1.0, dtype=a.dtype, device=a.device)
+    mag.index_copy_(0, plan.pad_pos, a.abs())
+    ranked = torch.topk(mag.view(n, plan.width), plan.keep_mask.shape[1], dim=1).indices
+    local = ranked[plan.keep_mask]
+    return local, local + plan.sel_offsets
+
+
+def _encode(plan: Plan, a: Tensor, states: list[dict[str, Tensor]], hp: Hyper) -> None:
+    """SPEC step 3, ``e = quant(a)`` per tensor (``a`` holds 0 at the selection; consumed)."""
+    if hp.ef_bits is None:
+        torch._foreach_copy_([st["ef"] for st in states], list(a.split(plan.numels)))
+        return
+    n, levels = len(plan.numels), float(2**hp.ef_bits - 1)
+    lo = torch.full((n,), float("inf"), dtype=a.dtype, device=a.device)
+    lo.scatter_reduce_(0, plan.seg, a, "amin")
+    hi = torch.full((n,), -float("inf"), dtype=a.dtype, device=a.device)
+    hi.scatter_reduce_(0, plan.seg, a, "amax")
+    step = (hi - lo) / levels
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    a.sub_(lo.index_select(0, plan.seg)).div_(step.index_select(0, plan.seg)).add_(0.5).floor_()
+    if hp.ef_bits == 4:
+        packed = a.index_select(0, plan.low_dst)
+        packed.index_add_(0, plan.high_src, a.index_select(0, plan.high_dst), alpha=16)
+    else:
+        packed = a
+    packed = packed.to(torch.int32).to(torch.uint8)
+    torch._foreach_copy_([st["ef_codes"] for st in states], list(packed.split(plan.nbytes)))
+    torch._foreach_copy_([st["ef_min"] for st in states], list(lo.split(1)))
+    torch._foreach_copy_([st["ef_max"] for st in states], list(hi.split(1)))
+
+
+def _update(
+    plan: Plan,
+    params: list[Tensor],
+    states: list[dict[str, Tensor]],
+    scratch: Tensor,
+    hp: Hyper,
+    t: int,
+) -> None:
+    """SPEC steps 4-6: window moments at the window's coordinates, then the sparse update."""
+    comp, dev = scratch.dtype, scratch.device
     filled = min(t, hp.window_size)
-    idx = (
-        torch.cat([st["indices"][:filled] for st in states], dim=1)
-        .long()
-        .add_(plan.sel_offsets)
-        .reshape(-1)
-    )
+    idx = torch.cat([st["indices"][:filled] for st in states], dim=1).long()
+    idx = idx.add_(plan.sel_offsets).reshape(-1)
     v = torch.cat([st["values"][:filled] for st in states], dim=1).to(comp)
     m_terms, s_terms = moment_terms(v, *moment_weights(hp, t, filled, comp, dev))
     big_m, big_s = window_moments(scratch, idx, m_terms.reshape(-1), s_terms.reshape(-1))
     flat = torch.cat([p.reshape(-1) for p in params])
     sparse_update(flat, idx, big_m, big_s, hp, t)
-    torch._foreach_copy_([p.view(-1) for p in params], list(flat.split(numels)))
+    torch._foreach_copy_([p.view(-1) for p in params], list(flat.split(plan.numels)))

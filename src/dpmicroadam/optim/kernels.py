@@ -190,15 +190,29 @@ def sparse_update(
     ``u`` first; the two agree to rounding). Duplicate indices (a coordinate in several slots)
     all write the same value.
     """
-    c1, c2 = bias_corrections(hp, t)
-    denom = big_s.mul_(c2).sqrt_().add_(hp.eps)
+    denom = denominator_(big_s, hp, t)
     if hp.weight_decay != 0:
         flat.mul_(1 - hp.lr * hp.weight_decay)
+    apply_update(flat, idx, big_m, denom, step_size(hp, t))
+
+
+def denominator_(big_s: Tensor, hp: Hyper, t: int) -> Tensor:
+    """``sqrt(c2 S) + eps``, computed in place in ``big_s``."""
+    return big_s.mul_(bias_corrections(hp, t)[1]).sqrt_().add_(hp.eps)
+
+
+def step_size(hp: Hyper, t: int) -> float:
+    """``-lr * c1``, the factor of ``M / denominator`` in the update."""
+    return -hp.lr * bias_corrections(hp, t)[0]
+
+
+def apply_update(flat: Tensor, idx: Tensor, big_m: Tensor, denom: Tensor, step: float) -> None:
+    """``theta[idx] += step * M / denom``; ``flat`` may have a lower precision than ``denom``."""
     theta = flat.index_select(0, idx)
     if theta.dtype == denom.dtype:
-        theta.addcdiv_(big_m, denom, value=-hp.lr * c1)
+        theta.addcdiv_(big_m, denom, value=step)
     else:
-        theta = torch.addcdiv(theta.to(denom.dtype), big_m, denom, value=-hp.lr * c1)
+        theta = torch.addcdiv(theta.to(denom.dtype), big_m, denom, value=step)
     flat.scatter_(0, idx, theta.to(flat.dtype))
 
 

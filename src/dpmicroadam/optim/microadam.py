@@ -11,10 +11,11 @@ from torch import Tensor
 
 from .batched import batchable, batched_step
 from .kernels import Hyper, check_state, fast_step, init_state, loop_step
+from .packed import MIN_PACK, pack_members, packable, packed_step
 from .validated import ValidatedOptimizer
 
 STATE_FORMAT_VERSION = 1
-_IMPLEMENTATIONS = {"fast": fast_step, "loop": loop_step}
+_IMPLEMENTATIONS = {"fast": fast_step, "loop": loop_step, "compiled": fast_step}
 
 
 def _bad(name: str, value: Any, must: str) -> ValueError:
@@ -119,7 +120,11 @@ class MicroAdam(ValidatedOptimizer):
         topk_block_size: ``"auto"`` (blocks of 32768, int16 indices), an integer, or ``None`` for
             top-k over each whole tensor.
         value_dtype: dtype of the stored window values.
-        implementation: ``"fast"`` (vectorized) or ``"loop"`` (the ground truth, slow).
+        implementation: ``"fast"`` (vectorized; large tensors are stepped together, see
+            :mod:`dpmicroadam.optim.packed`), ``"compiled"`` (the same with the large tensors'
+            elementwise stages built by ``torch.compile`` on the first step, seconds; falls
+            back to ``"fast"`` with one warning if compiling fails, see
+            :mod:`dpmicroadam.optim.compiled`) or ``"loop"`` (the ground truth, slow).
 
     State is lazily created at a parameter's first step; see
     :mod:`dpmicroadam.optim.kernels` for its layout and :func:`state_bytes` for its size.
@@ -157,20 +162,21 @@ class MicroAdam(ValidatedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _plan_step(
-        self,
-    ) -> tuple[list[tuple], list[tuple], list[tuple[list[str], list[int], Tensor]]]:
-        """Sort the tensors with a gradient into single steps and batches; nothing is mutated.
+    def _plan_step(self) -> tuple[list[tuple], list[tuple], list[tuple], list[tuple]]:
+        """Sort the tensors with a gradient into single steps, batches and packs; nothing is
+        mutated.
 
-        Returns ``(singles, batches, checks)``: ``(name, p, grad, group, hp, layout)`` per single
-        tensor; ``(names, params, flat_grad, hp)`` per batch of small tensors; and the
-        ``(names, numels, flat_grad)`` whose finiteness must hold before any state changes.
+        Returns ``(singles, batches, packs, checks)``: ``(name, p, grad, group, hp, layout)`` per
+        single tensor; ``(names, params, flat_grad, hp)`` per batch of small tensors;
+        ``(names, params, hp)`` per pack of large tensors; and the ``(names, numels, grad)``
+        whose finiteness must hold before any state changes.
         """
-        singles, batches, checks = [], [], []
+        singles, batches, packs, checks = [], [], [], []
         for gi, group in enumerate(self.param_groups):
             validate_group(group)
             hp = Hyper.from_group(group)
             small: dict[tuple, list[tuple[str, Tensor]]] = {}
+            large: dict[tuple, list[tuple[str, Tensor]]] = {}
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -181,13 +187,12 @@ class MicroAdam(ValidatedOptimizer):
                 state = self.state.get(p)
                 if state:
                     check_state(state, p, hp, layout, name)
-                if (
-                    group["implementation"] == "fast"
-                    and batchable(p, hp)
-                    and p.grad.is_contiguous()
-                ):
-                    step = int(state["step"]) if state else 0
-                    small.setdefault((p.device, p.dtype, step), []).append((name, p))
+                key = (p.device, p.dtype, int(state["step"]) if state else 0)
+                fast = group["implementation"] != "loop" and p.grad.is_contiguous()
+                if fast and batchable(p, hp):
+                    small.setdefault(key, []).append((name, p))
+                elif fast and packable(p, hp):
+                    large.setdefault(key, []).append((name, p))
                 else:
                     singles.append((name, p, p.grad, group, hp, layout))
                     checks.append(([name], [p.numel()], p.grad))
@@ -196,7 +201,21 @@ class MicroAdam(ValidatedOptimizer):
                 flat = torch.cat([p.grad.reshape(-1) for p in params])
                 batches.append((names, params, flat, hp))
                 checks.append((names, [p.numel() for p in params], flat))
-        return singles, batches, checks
+            for members in large.values():
+                keep = pack_members([p.numel() for _, p in members], hp.topk_block_size)
+                if sum(keep) < MIN_PACK:
+                    keep = [False] * len(members)
+                singles.extend(
+                    (name, p, p.grad, group, hp, hp.layout(p.numel()))
+                    for (name, p), k in zip(members, keep)
+                    if not k
+                )
+                if any(keep):
+                    jit = group["implementation"] == "compiled"
+                    chosen = [m for m, k in zip(members, keep) if k]
+                    packs.append(([m[0] for m in chosen], [m[1] for m in chosen], hp, jit))
+                checks.extend(([name], [p.numel()], p.grad) for name, p in members)
+        return singles, batches, packs, checks
 
     @staticmethod
     def _check_finite(checks: list[tuple[list[str], list[int], Tensor]]) -> None:
@@ -230,7 +249,7 @@ class MicroAdam(ValidatedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        singles, batches, checks = self._plan_step()
+        singles, batches, packs, checks = self._plan_step()
         if checks:
             self._check_finite(checks)
         for name, p, grad, group, hp, layout in singles:
@@ -239,11 +258,17 @@ class MicroAdam(ValidatedOptimizer):
                 state.update(init_state(p, hp, layout))
             _IMPLEMENTATIONS[group["implementation"]](p, grad, state, hp, layout, name)
         for names, params, flat, hp in batches:
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(init_state(p, hp, hp.layout(p.numel())))
-            batched_step(names, params, flat, [self.state[p] for p in params], hp)
+            batched_step(names, params, flat, self._states(params, hp), hp)
+        for names, params, hp, jit in packs:
+            packed_step(names, params, self._states(params, hp), hp, jit)
         return loss
+
+    def _states(self, params: list[Tensor], hp: Hyper) -> list[dict[str, Tensor]]:
+        """The states of ``params``, created at their first step."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(init_state(p, hp, hp.layout(p.numel())))
+        return [self.state[p] for p in params]
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict plus ``format_version``."""

@@ -116,22 +116,38 @@ def rows_topk(x: Tensor, k: int, signed: bool = True) -> Tensor:
     Returns:
         int64 tensor (rows, k), in no particular order.
     """
-    rows, n = x.shape
+    levels = [x]
+    while group_width(levels[-1].shape[1], k):
+        groups = levels[-1].view(levels[-1].shape[0], SUB_BLOCKS, -1)
+        best = groups.amax(dim=1)
+        if signed and len(levels) == 1:
+            best = torch.maximum(best, groups.amin(dim=1).neg_())
+        levels.append(best)
+    return descend(levels, k, signed)
+
+
+def group_width(n: int, k: int) -> int:
+    """Width of the strided groups a row of ``n`` is split into, or 0 if it is not split."""
     w = n // SUB_BLOCKS
-    if n % SUB_BLOCKS or w < 4 * k:
-        return torch.topk(x.abs() if signed else x, k, dim=1, sorted=False).indices
-    groups = x.view(rows, SUB_BLOCKS, w)
-    best = groups.amax(dim=1)
-    if signed:
-        best = torch.maximum(best, groups.amin(dim=1).neg_())
-    chosen = rows_topk(best, k, signed=False)
-    cand = groups.gather(2, chosen[:, None, :].expand(rows, SUB_BLOCKS, k)).reshape(
-        rows, SUB_BLOCKS * k
-    )
-    if signed:
-        cand = cand.abs_()
-    pick = torch.topk(cand, k, dim=1, sorted=False).indices
-    return torch.div(pick, k, rounding_mode="floor") * w + chosen.gather(1, pick % k)
+    return 0 if n % SUB_BLOCKS or w < 4 * k else w
+
+
+def descend(levels: list[Tensor], k: int, signed: bool = True) -> Tensor:
+    """Top-k from the group maxima of :func:`rows_topk`: ``levels[0]`` is the input, each next
+    level the maxima (of ``|x|`` if ``signed``) of the previous one's strided groups."""
+    top = levels[-1].abs() if signed and len(levels) == 1 else levels[-1]
+    chosen = torch.topk(top, k, dim=1, sorted=False).indices
+    for depth in range(len(levels) - 2, -1, -1):
+        rows, n = levels[depth].shape
+        w = n // SUB_BLOCKS
+        groups = levels[depth].view(rows, SUB_BLOCKS, w)
+        cand = groups.gather(2, chosen[:, None, :].expand(rows, SUB_BLOCKS, k))
+        cand = cand.reshape(rows, SUB_BLOCKS * k)
+        if signed and depth == 0:
+            cand = cand.abs()
+        pick = torch.topk(cand, k, dim=1, sorted=False).indices
+        chosen = torch.div(pick, k, rounding_mode="floor") * w + chosen.gather(1, pick % k)
+    return chosen
 
 
 def blockwise_topk(a: Tensor, layout: BlockLayout) -> tuple[Tensor, Tensor]:
