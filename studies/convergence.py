@@ -65,15 +65,27 @@ def run(optimizer: str, steps: int, seed: int, sigma: float, batch: int, lr0: fl
     x, y = problem()
     model = Model()
     mech = DPMechanism(
-        DPConfig(dataset_size=N, expected_batch_size=batch, clip_norm=1.0, target_delta=1e-5,
-                 noise_multiplier=sigma, seed=seed, physical_batch_size=batch * 2, engine="vmap"),
+        DPConfig(
+            dataset_size=N,
+            expected_batch_size=batch,
+            clip_norm=1.0,
+            target_delta=1e-5,
+            noise_multiplier=sigma,
+            seed=seed,
+            physical_batch_size=batch * 2,
+            engine="vmap",
+        ),
         model,
         make_loss(model),
     )
     lr = lr0 / math.sqrt(steps)
-    opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "dp-sgd"
-           else MicroAdam(model.parameters(), lr=lr, density=0.25, ef_bits=None,
-                          value_dtype=torch.float64))
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=lr)
+        if optimizer == "dp-sgd"
+        else MicroAdam(
+            model.parameters(), lr=lr, density=0.25, ef_bits=None, value_dtype=torch.float64
+        )
+    )
     best = full_grad_sq(model, x, y)
     for _ in range(steps):
         idx = mech.sample()
@@ -98,9 +110,17 @@ def main() -> None:
     for opt in ("dp-sgd", "dp-microadam"):
         for T in args.steps:
             vals = [run(opt, T, s, args.sigma, args.batch, lr0[opt]) for s in range(args.seeds)]
-            rows.append({"optimizer": opt, "steps": T, "sigma": args.sigma, "batch": args.batch,
-                         "lr0": lr0[opt], "min_grad_sq_mean": statistics.fmean(vals),
-                         "min_grad_sq_std": statistics.stdev(vals) if len(vals) > 1 else 0.0})
+            rows.append(
+                {
+                    "optimizer": opt,
+                    "steps": T,
+                    "sigma": args.sigma,
+                    "batch": args.batch,
+                    "lr0": lr0[opt],
+                    "min_grad_sq_mean": statistics.fmean(vals),
+                    "min_grad_sq_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                }
+            )
             print(rows[-1], flush=True)
     with (out / "convergence.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -118,8 +138,14 @@ def main() -> None:
         ms = np.array([r["min_grad_sq_mean"] for r in rs])
         slope, icept = np.polyfit(np.log(ts), np.log(ms), 1)
         print(f"{opt}: fitted slope of log min‖∇f‖² against log T = {slope:.3f}")
-        ax.errorbar(ts, ms, yerr=[r["min_grad_sq_std"] for r in rs], marker="o", capsize=3,
-                    label=f"{opt} (slope {slope:.2f})")
+        ax.errorbar(
+            ts,
+            ms,
+            yerr=[r["min_grad_sq_std"] for r in rs],
+            marker="o",
+            capsize=3,
+            label=f"{opt} (slope {slope:.2f})",
+        )
         ax.plot(ts, np.exp(icept) * ts**slope, ls=":", color="gray")
     ts = np.array(args.steps, dtype=float)
     ax.plot(ts, ms[0] * (ts / ts[0]) ** -0.5, ls="--", color="k", alpha=0.4, label="∝ T^-1/2")

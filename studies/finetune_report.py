@@ -136,7 +136,12 @@ def table(rows: list[dict[str, str]]) -> str:
                 f"{int(_f(r['trainable_parameters'])):,} | {_mb(_f(r['optimizer_state_bytes']))} | "
                 f"{_f(r['peak_memory_mb']):.0f} MB | {_f(r['seconds_per_step']):.2f} |"
             )
-            lines[-1] = lines[-1].replace(f"| {blank} |", f"| {100 * _f(r['test_accuracy']):.1f} (non-private) |" + " |" * (len(epsilons) - 1), 1)
+            lines[-1] = lines[-1].replace(
+                f"| {blank} |",
+                f"| {100 * _f(r['test_accuracy']):.1f} (non-private) |"
+                + " |" * (len(epsilons) - 1),
+                1,
+            )
     return head + "\n".join(lines) + "\n"
 
 
