@@ -18,6 +18,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from dpmicroadam.train.checkpoint import strict_json
 from dpmicroadam.train.checks import field_types
 from dpmicroadam.train.config import TrainConfig
 from dpmicroadam.train.names import ACCOUNTANTS
@@ -191,7 +192,7 @@ def cmd_account(args: argparse.Namespace) -> int:
     out["noise_multiplier"] = sigma
     out["epsilon"] = epsilon(sigma, q, steps, args.delta, accountant=args.accountant)
     if args.json:
-        print(json.dumps(_strict(out)))
+        print(json.dumps(strict_json(out)))
     else:
         print(
             f"σ = {sigma:.4f}, q = {q:.6g}, T = {steps}, δ = {args.delta:g}: "
@@ -216,17 +217,6 @@ def _sample_rate(args: argparse.Namespace) -> float:
 
 
 # ---------------------------------------------------------------------- output
-
-
-def _strict(value: Any) -> Any:
-    """A JSON-able copy with NaN and ±inf replaced by None (strict JSON has neither)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
@@ -260,7 +250,7 @@ def _report(summary: dict[str, Any], as_json: bool) -> None:
     if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports
         return
     if as_json:
-        print(json.dumps(_strict(summary)))
+        print(json.dumps(strict_json(summary)))
     else:
         print("\n".join(summary_lines(summary)))
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .topk import SUB_BLOCKS, descend, group_width
+from .topk import SUB_BLOCKS, descend, group_width, tail_topk
 
 if TYPE_CHECKING:
     from .packed import Pack
@@ -144,9 +144,7 @@ def _select(pack: Pack, a: Tensor) -> tuple[Tensor, Tensor]:
         globs.append((full_local + pack.full_buf).view(-1))
     if pack.tail_rows:
         t = a[pack.full_rows * pack.block :].view(pack.tail_rows, pack.width)
-        mag = torch.where(pack.tail_valid, t.abs(), -1.0)
-        ranked = torch.topk(mag, pack.tail_max_keep, dim=1).indices
-        tail_local = ranked.view(-1)[pack.tail_keep]
+        tail_local = tail_topk(t, pack.tail_valid, pack.tail_max_keep, pack.tail_keep)
         locs.append(tail_local)
         globs.append(tail_local + pack.tail_buf)
     if len(locs) == 1:

@@ -35,7 +35,7 @@ from .kernels import (
     step_size,
 )
 from .quantize import dequantize, quantize_
-from .topk import keep_count, rows_topk
+from .topk import keep_count, rows_topk, tail_topk
 
 MIN_PACK = 2  # fewer large tensors than this take the per-tensor path
 MAX_TAIL_PADDING = 8  # a tail is padded to at most this many times its length
@@ -228,9 +228,7 @@ def select(pack: Pack, a: Tensor) -> tuple[Tensor, Tensor]:
         globs.append((full_local + pack.full_buf).view(-1))
     if pack.tail_rows:
         t = a[pack.full_rows * pack.block :].view(pack.tail_rows, pack.width)
-        mag = torch.where(pack.tail_valid, t.abs(), -1.0)
-        ranked = torch.topk(mag, pack.tail_max_keep, dim=1).indices
-        tail_local = ranked.view(-1).index_select(0, pack.tail_keep)
+        tail_local = tail_topk(t, pack.tail_valid, pack.tail_max_keep, pack.tail_keep)
         locs.append(tail_local)
         globs.append(tail_local + pack.tail_buf)
     if len(locs) == 1:

@@ -169,3 +169,14 @@ def blockwise_topk(a: Tensor, layout: BlockLayout) -> tuple[Tensor, Tensor]:
         parts.append(rows_topk(tail, layout.k_tail).reshape(-1))
     local = parts[0] if len(parts) == 1 else torch.cat(parts)
     return local, local + layout.column_offsets(a.device)
+
+
+def tail_topk(t: Tensor, valid: Tensor, max_keep: int, keep: Tensor) -> Tensor:
+    """Top-k of the rows of a padded matrix of tail blocks (the packed step's T rows).
+
+    Padding ranks below every real magnitude; ``keep`` picks, in the flat ``(rows, max_keep)``
+    ranking, the ranks each row really keeps. Returns their row-local indices.
+    """
+    mag = torch.where(valid, t.abs(), -1.0)
+    ranked = torch.topk(mag, max_keep, dim=1).indices
+    return ranked.view(-1).index_select(0, keep)
