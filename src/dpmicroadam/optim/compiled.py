@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .topk import SUB_BLOCKS, descend, group_width, tail_topk
+from .topk import SUB_BLOCKS, descend, group_width, select_rows
 
 if TYPE_CHECKING:
     from .packed import Pack
@@ -127,29 +127,23 @@ def _decoded(pack: Pack, state: dict, grad: Tensor, start: int, length: int, com
 
 def _select(pack: Pack, a: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`dpmicroadam.optim.packed.select`, with the group maxima as one fused pass."""
-    locs, globs = [], []
-    if pack.full_rows:
-        levels = [a[: pack.full_rows * pack.block].view(pack.full_rows, pack.block)]
-        while w := group_width(levels[-1].shape[1], pack.k_full):
-            groups = levels[-1].view(pack.full_rows, SUB_BLOCKS, w)
-            parts = [groups[:, j] for j in range(SUB_BLOCKS)]
-            if len(levels) == 1:
-                parts = [x.abs() for x in parts]
-            best = parts[0]
-            for x in parts[1:]:
-                best = torch.maximum(best, x)
-            levels.append(best)
-        full_local = descend(levels, pack.k_full)
-        locs.append(full_local.view(-1))
-        globs.append((full_local + pack.full_buf).view(-1))
-    if pack.tail_rows:
-        t = a[pack.full_rows * pack.block :].view(pack.tail_rows, pack.width)
-        tail_local = tail_topk(t, pack.tail_valid, pack.tail_max_keep, pack.tail_keep)
-        locs.append(tail_local)
-        globs.append(tail_local + pack.tail_buf)
-    if len(locs) == 1:
-        return locs[0], globs[0]
-    return torch.cat(locs), torch.cat(globs)
+    return select_rows(pack, a, _fused_rows_topk)
+
+
+def _fused_rows_topk(f: Tensor, k: int) -> Tensor:
+    """:func:`dpmicroadam.optim.topk.rows_topk` with the levels of group maxima written out."""
+    rows = f.shape[0]
+    levels = [f]
+    while w := group_width(levels[-1].shape[1], k):
+        groups = levels[-1].view(rows, SUB_BLOCKS, w)
+        parts = [groups[:, j] for j in range(SUB_BLOCKS)]
+        if len(levels) == 1:
+            parts = [x.abs() for x in parts]
+        best = parts[0]
+        for x in parts[1:]:
+            best = torch.maximum(best, x)
+        levels.append(best)
+    return descend(levels, k)
 
 
 def _quantized(pack: Pack, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,7 +35,7 @@ from .kernels import (
     step_size,
 )
 from .quantize import dequantize, quantize_
-from .topk import keep_count, rows_topk, tail_topk
+from .topk import keep_count, rows_topk, select_rows
 
 MIN_PACK = 2  # fewer large tensors than this take the per-tensor path
 MAX_TAIL_PADDING = 8  # a tail is padded to at most this many times its length
@@ -220,20 +220,7 @@ def select(pack: Pack, a: Tensor) -> tuple[Tensor, Tensor]:
     Returns ``(local, glob)``: the block-local index and the buffer position of every kept
     entry, F rows first, then T rows, row by row (the order of ``Part.sel``).
     """
-    locs, globs = [], []
-    if pack.full_rows:
-        f = a[: pack.full_rows * pack.block].view(pack.full_rows, pack.block)
-        full_local = rows_topk(f, pack.k_full)
-        locs.append(full_local.view(-1))
-        globs.append((full_local + pack.full_buf).view(-1))
-    if pack.tail_rows:
-        t = a[pack.full_rows * pack.block :].view(pack.tail_rows, pack.width)
-        tail_local = tail_topk(t, pack.tail_valid, pack.tail_max_keep, pack.tail_keep)
-        locs.append(tail_local)
-        globs.append(tail_local + pack.tail_buf)
-    if len(locs) == 1:
-        return locs[0], globs[0]
-    return torch.cat(locs), torch.cat(globs)
+    return select_rows(pack, a, rows_topk)
 
 
 def front(pack: Pack, states: list[dict[str, Tensor]], grads: list[Tensor], comp) -> tuple:

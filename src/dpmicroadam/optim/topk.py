@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -180,3 +181,23 @@ def tail_topk(t: Tensor, valid: Tensor, max_keep: int, keep: Tensor) -> Tensor:
     mag = torch.where(valid, t.abs(), -1.0)
     ranked = torch.topk(mag, max_keep, dim=1).indices
     return ranked.view(-1).index_select(0, keep)
+
+
+def select_rows(pack: Any, a: Tensor, full_topk: Any) -> tuple[Tensor, Tensor]:
+    """Top-k of every block of a packed buffer: F rows with ``full_topk(rows, k)``, T rows with
+    :func:`tail_topk`. Returns ``(local, glob)``: block-local indices and buffer positions, F rows
+    first, then T rows (see ``dpmicroadam.optim.packed.Pack``)."""
+    locs, globs = [], []
+    if pack.full_rows:
+        f = a[: pack.full_rows * pack.block].view(pack.full_rows, pack.block)
+        full_local = full_topk(f, pack.k_full)
+        locs.append(full_local.view(-1))
+        globs.append((full_local + pack.full_buf).view(-1))
+    if pack.tail_rows:
+        t = a[pack.full_rows * pack.block :].view(pack.tail_rows, pack.width)
+        tail_local = tail_topk(t, pack.tail_valid, pack.tail_max_keep, pack.tail_keep)
+        locs.append(tail_local)
+        globs.append(tail_local + pack.tail_buf)
+    if len(locs) == 1:
+        return locs[0], globs[0]
+    return torch.cat(locs), torch.cat(globs)
