@@ -69,6 +69,30 @@ def table(cells: dict[tuple[str, str], dict], point: str) -> str:
     return text
 
 
+def seeds_table(rows: list[dict[str, str]]) -> str:
+    """Mean ± std over the seeds of each ``*-seeds`` block, per point and optimizer."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        if r["tag"].endswith("-seeds") and r["status"] == "ok":
+            key = (r["tag"], r["batch_size"], r["width"] or "1", r["adam_eps_noise"] or "0")
+            groups[key + (r["optimizer"],)].append(r)  # type: ignore[index]
+    if not groups:
+        return ""
+    text = "## Seeds of the tuned settings (test accuracy, mean ± std)\n\n"
+    text += "| block | batch | width | eps multiple | optimizer | lr | seeds | val | test | bytes/param |\n"
+    text += "|---|---|---|---|---|---|---|---|---|---|\n"
+    for (tag, batch, width, eps, opt), members in sorted(groups.items()):
+        val = [_f(m["val_accuracy"]) for m in members]
+        test = [_f(m["test_accuracy"]) for m in members]
+        lrs = sorted({m["lr"] for m in members})
+        text += (
+            f"| {tag} | {batch} | {width} | {eps} | {LABEL.get(opt, opt)} | {', '.join(lrs)} | "
+            f"{len(members)} | {_pct(val)} | {_pct(test)} | "
+            f"{_f(members[0]['optimizer_state_bytes_per_param']):.2f} |\n"
+        )
+    return text + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--csv", default="results/fashion-mnist-scans.csv")
@@ -91,6 +115,7 @@ def main() -> None:
                     cells.setdefault(("1" if tag == "width" else "0", opt), base[("256", opt)])
         sections[tag] = cells
         text += f"## {title}\n\n" + table(cells, point) + "\n"
+    text += seeds_table(rows)
     fid = [r for r in rows if r["tag"] == "fidelity"]
     if fid:
         text += "## The authors' variant (batch 2048, lr 3e-3, fp32 window values)\n\n"
