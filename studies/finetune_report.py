@@ -145,6 +145,27 @@ def table(rows: list[dict[str, str]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def tuning_table(rows: list[dict[str, str]]) -> str:
+    """Every `tune` run: validation accuracy per learning rate (ε = 8, seed 0); the chosen one in bold."""
+    best = tuned(rows)
+    grid: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        if r["tag"] == "tune" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
+            grid[(r["trainable"], variant(r))].append(r)
+    text = "| mode | optimizer | validation accuracy (%) at each lr (chosen in bold) |\n|---|---|---|\n"
+    for mode in MODES:
+        for opt in OPTIMIZERS:
+            members = sorted(grid.get((mode, opt), []), key=lambda r: _f(r["lr"]))
+            if not members:
+                continue
+            cells_ = []
+            for r in members:
+                cell = f"{r['lr']}: {100 * _f(r['val_accuracy']):.1f}"
+                cells_.append(f"**{cell}**" if r is best[(mode, opt)] else cell)
+            text += f"| {mode} | {LABEL[opt]} | {', '.join(cells_)} |\n"
+    return text
+
+
 def plots(rows: list[dict[str, str]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -213,6 +234,8 @@ def main() -> None:
         "Test accuracy in %, mean ± std (number of seeds) of each optimizer's tuned setting "
         "(best validation accuracy among its `tune` runs at ε = 8; ε = 3 and 1 reuse it).\n\n"
         + table(rows)
+        + "\nTuning (seed 0, ε = 8, validation split):\n\n"
+        + tuning_table(rows)
     )
     out = path.parent / "finetune-wordnet-summary.md"
     out.write_text(text)
