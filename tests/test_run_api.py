@@ -155,3 +155,19 @@ def test_cnn_width_multiplier():
     assert sizes[0] == 26010 and sizes[0] < sizes[1] < sizes[2]
     with pytest.raises(ValueError, match="--width 2 applies to --model cnn only"):
         resolve_config({"model": "mlp", "width": 2})
+
+
+def test_fashion_mnist_microadam_default_eps_is_noise_relative():
+    # the eps scan's winner is the tuned default, and it never overrides the user's own eps
+    cfg = resolve_config({"dataset": "fashion-mnist", "optimizer": "dp-microadam"})
+    assert cfg.adam_eps_noise == 3.0 and cfg.lr == 1e-2 and cfg.density == 0.01
+    assert "eps scan" in cfg.defaults_source["adam_eps_noise"]
+    own = resolve_config(
+        {"dataset": "fashion-mnist", "optimizer": "dp-microadam", "adam_eps": 1e-6}
+    )
+    assert own.adam_eps_noise is None and own.adam_eps == 1e-6
+    assert "adam_eps_noise" not in own.defaults_source
+    # DP-Adam keeps its default eps: the scan found no gain there
+    assert (
+        resolve_config({"dataset": "fashion-mnist", "optimizer": "dp-adam"}).adam_eps_noise is None
+    )

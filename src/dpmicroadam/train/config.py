@@ -131,6 +131,9 @@ class TrainConfig:
     progress: bool = setting(True, "show the progress bar")
     defaults_source: dict[str, str] = setting({}, cli=False)
 
+    # A default of the key is not filled in when the user set the field it names (a tuned eps
+    # multiple never overrides the user's own --adam-eps).
+    DEFAULT_YIELDS_TO: typing.ClassVar[dict[str, str]] = {"adam_eps_noise": "adam_eps"}
     # Base defaults, used where neither the user nor a tuned default sets a value.
     BASE_DEFAULTS: typing.ClassVar[dict[str, Any]] = {
         "clip_norm": 1.0,
@@ -179,6 +182,8 @@ class TrainConfig:
             self.model = self.DEFAULT_MODEL.get(self.dataset, "mlp")
         tuned, source = self.tuned()
         for key in set(self.BASE_DEFAULTS) | set(tuned):
+            if key in self.DEFAULT_YIELDS_TO and self.DEFAULT_YIELDS_TO[key] in user_set:
+                continue
             if getattr(self, key, None) is None and key not in user_set:
                 if key in tuned:
                     setattr(self, key, tuned[key])
