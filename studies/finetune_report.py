@@ -166,6 +166,27 @@ def tuning_table(rows: list[dict[str, str]]) -> str:
     return text
 
 
+def eps_table(rows: list[dict[str, str]]) -> str:
+    """The `eps` exploration: eps = k·σC/B against the tuned setting's seed-0 run (ε = 8)."""
+    best = tuned(rows)
+    explored = [r for r in rows if r["tag"] == "eps" and r["status"] == "ok"]
+    if not explored:
+        return ""
+    text = "| mode | optimizer | eps | lr | val | test |\n|---|---|---|---|---|---|\n"
+    for mode in MODES:
+        for opt in OPTIMIZERS:
+            mine = [r for r in explored if (r["trainable"], variant(r)) == (mode, opt)]
+            if not mine or (mode, opt) not in best:
+                continue
+            for r in [best[(mode, opt)], *sorted(mine, key=lambda r: _f(r["lr"]))]:
+                eps = f"{r['adam_eps_noise']}·σC/B" if r.get("adam_eps_noise") else "1e-8"
+                text += (
+                    f"| {mode} | {LABEL[opt]} | {eps} | {r['lr']} | "
+                    f"{100 * _f(r['val_accuracy']):.1f} | {100 * _f(r['test_accuracy']):.1f} |\n"
+                )
+    return text
+
+
 def plots(rows: list[dict[str, str]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -239,6 +260,11 @@ def main() -> None:
         + "\nTuning (seed 0, ε = 8, validation split):\n\n"
         + tuning_table(rows)
     )
+    if eps := eps_table(rows):
+        text += (
+            "\nExploration, not equal-budget tuning (seed 0, ε = 8): Adam's eps as a multiple of "
+        )
+        text += "the released gradient's noise std, against the tuned setting (eps 1e-8):\n\n" + eps
     out = path.parent / "finetune-wordnet-summary.md"
     out.write_text(text)
     print(text)
