@@ -198,6 +198,88 @@ def eps_table(rows: list[dict[str, str]]) -> str:
     return text
 
 
+def epoch_cells(rows: list[dict[str, str]]) -> dict[tuple[str, int, float], dict]:
+    """(optimizer, epochs, ε) -> test accuracies over the seeds of the setting tuned at that length.
+
+    The rows of studies/finetune-head-steps.toml: the lr is chosen per optimizer and epoch count
+    on validation (ε = 8, seed 0), from `tune` rows (`eps` rows for the eps variant).
+    """
+    best: dict[tuple[str, int], dict[str, str]] = {}
+    for r in rows:
+        if r["status"] != "ok" or _f(r["val_accuracy"]) is None:
+            continue
+        if r["tag"] != CHOSEN_FROM.get(variant(r), "tune"):
+            continue
+        k = (variant(r), round(_f(r["epochs"])))
+        if k not in best or _f(r["val_accuracy"]) > _f(best[k]["val_accuracy"]):
+            best[k] = r
+    out: dict[tuple[str, int, float], dict] = {}
+    for (opt, epochs), rec in best.items():
+        for r in rows:
+            if (r["tag"] not in SEEDED or r["status"] != "ok" or variant(r) != opt
+                    or round(_f(r["epochs"])) != epochs or r["lr"] != rec["lr"]):  # fmt: skip
+                continue
+            cell = out.setdefault((opt, epochs, _f(r["target_epsilon"])),
+                                  {"seeds": {}, "lr": rec["lr"], "steps": r["steps"]})  # fmt: skip
+            # a tune row and its seed-0 twin are one run
+            cell["seeds"][r["seed"]] = _f(r["test_accuracy"])
+    for cell in out.values():
+        cell["test"] = list(cell.pop("seeds").values())
+    return out
+
+
+def epochs_table(rows: list[dict[str, str]]) -> str:
+    c = epoch_cells(rows)
+    if not c:
+        return ""
+    epsilons = sorted({e for (_, _, e) in c}, reverse=True)
+    text = "| epochs (steps) | optimizer | lr | " + " | ".join(f"ε = {e:g}" for e in epsilons)
+    text += " |\n|" + "---|" * (3 + len(epsilons)) + "\n"
+    for epochs in sorted({n for (_, n, _) in c}):
+        for opt in OPTIMIZERS:
+            any_cell = next((c[(opt, epochs, e)] for e in epsilons if (opt, epochs, e) in c), None)
+            if any_cell is None:
+                continue
+            accs = " | ".join(_pm(c.get((opt, epochs, e), {}).get("test", [])) for e in epsilons)
+            text += (
+                f"| {epochs} ({any_cell['steps']}) | {LABEL[opt]} | {any_cell['lr']} | {accs} |\n"
+            )
+    return text
+
+
+def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
+    c = epoch_cells(rows)
+    if not c:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=120, sharey=True)
+    for ax, eps in zip(axes, (8.0, 3.0), strict=True):
+        for j, opt in enumerate(OPTIMIZERS):
+            pts = sorted((n, cell["test"]) for (o, n, e), cell in c.items()
+                         if o == opt and e == eps and cell["test"])  # fmt: skip
+            if not pts:
+                continue
+            xs = [n for n, _ in pts]
+            ys = [100 * statistics.fmean(t) for _, t in pts]
+            es = [100 * statistics.stdev(t) if len(t) > 1 else 0 for _, t in pts]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, color=f"C{j}", label=LABEL[opt])
+        ax.set_xscale("log")
+        ax.set_xlabel("epochs (batch 128, 78 steps each)")
+        ax.set_title(f"head mode, ε = {eps:g}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "finetune-head-steps.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plots(rows: list[dict[str, str]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -276,11 +358,23 @@ def main() -> None:
             "\nExploration, not equal-budget tuning (seed 0, ε = 8): Adam's eps as a multiple of "
         )
         text += "the released gradient's noise std, against the tuned setting (eps 1e-8):\n\n" + eps
+    steps_csv = path.parent / "finetune-head-steps.csv"
+    steps_rows: list[dict[str, str]] = []
+    if steps_csv.exists():
+        with steps_csv.open(newline="") as fh:
+            steps_rows = list(csv.DictReader(fh))
+    if ep := epochs_table(steps_rows):
+        text += (
+            f"\nLonger runs in head mode (`{steps_csv}`, studies/finetune-head-steps.toml): the lr "
+            "is tuned per optimizer and epoch count (ε = 8, seed 0, validation); mean ± std "
+            "(seeds) of test accuracy in %:\n\n" + ep
+        )
     out = path.parent / "finetune-wordnet-summary.md"
     out.write_text(text)
     print(text)
-    for p in plots(rows, path.parent):
-        print("wrote", p)
+    for p in [*plots(rows, path.parent), epochs_plot(steps_rows, path.parent)]:
+        if p is not None:
+            print("wrote", p)
 
 
 if __name__ == "__main__":
