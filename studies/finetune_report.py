@@ -198,65 +198,75 @@ def eps_table(rows: list[dict[str, str]]) -> str:
     return text
 
 
-def epoch_cells(rows: list[dict[str, str]]) -> dict[tuple[str, int, float], dict]:
-    """(optimizer, epochs, ε) -> test accuracies over the seeds of the setting tuned at that length.
+def epoch_cells(rows: list[dict[str, str]]) -> dict[tuple[str, int, int, float], dict]:
+    """(optimizer, epochs, batch, ε) -> test accuracies over the seeds of the setting tuned there.
 
-    The rows of studies/finetune-head-steps.toml: the lr is chosen per optimizer and epoch count
-    on validation (ε = 8, seed 0), from `tune` rows (`eps` rows for the eps variant).
+    The rows of studies/finetune-head-steps.toml: the lr is chosen per optimizer, epoch count and
+    batch size on validation (ε = 8, seed 0), from `tune` rows (`eps` rows for the eps variant).
     """
-    best: dict[tuple[str, int], dict[str, str]] = {}
+    best: dict[tuple[str, int, int], dict[str, str]] = {}
     for r in rows:
         if r["status"] != "ok" or _f(r["val_accuracy"]) is None:
             continue
         if r["tag"] != CHOSEN_FROM.get(variant(r), "tune"):
             continue
-        k = (variant(r), round(_f(r["epochs"])))
+        k = (variant(r), round(_f(r["epochs"])), int(r["batch_size"]))
         if k not in best or _f(r["val_accuracy"]) > _f(best[k]["val_accuracy"]):
             best[k] = r
-    out: dict[tuple[str, int, float], dict] = {}
-    for (opt, epochs), rec in best.items():
-        for r in rows:
-            if (r["tag"] not in SEEDED or r["status"] != "ok" or variant(r) != opt
-                    or round(_f(r["epochs"])) != epochs or r["lr"] != rec["lr"]):  # fmt: skip
-                continue
-            cell = out.setdefault((opt, epochs, _f(r["target_epsilon"])),
-                                  {"seeds": {}, "lr": rec["lr"], "steps": r["steps"]})  # fmt: skip
-            # a tune row and its seed-0 twin are one run
-            cell["seeds"][r["seed"]] = _f(r["test_accuracy"])
+    out: dict[tuple[str, int, int, float], dict] = {}
+    for r in rows:
+        if r["tag"] not in SEEDED or r["status"] != "ok":
+            continue
+        k = (variant(r), round(_f(r["epochs"])), int(r["batch_size"]))
+        if k not in best or r["lr"] != best[k]["lr"]:
+            continue
+        cell = out.setdefault((*k, _f(r["target_epsilon"])),
+                              {"seeds": {}, "lr": r["lr"], "steps": int(r["steps"])})  # fmt: skip
+        cell["seeds"][r["seed"]] = _f(r["test_accuracy"])  # a tune row = its seed-0 twin
     for cell in out.values():
         cell["test"] = list(cell.pop("seeds").values())
     return out
+
+
+def _ceilings_by_length(rows: list[dict[str, str]]) -> dict[tuple[int, int], dict[str, str]]:
+    best: dict[tuple[int, int], dict[str, str]] = {}
+    for r in rows:
+        if r["tag"] == "ceiling" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
+            k = (round(_f(r["epochs"])), int(r["batch_size"]))
+            if k not in best or _f(r["val_accuracy"]) > _f(best[k]["val_accuracy"]):
+                best[k] = r
+    return best
 
 
 def epochs_table(rows: list[dict[str, str]]) -> str:
     c = epoch_cells(rows)
     if not c:
         return ""
-    epsilons = sorted({e for (_, _, e) in c}, reverse=True)
-    text = "| epochs (steps) | optimizer | lr | " + " | ".join(f"ε = {e:g}" for e in epsilons)
-    text += " |\n|" + "---|" * (3 + len(epsilons)) + "\n"
-    ceiling: dict[int, dict[str, str]] = {}
-    for r in rows:
-        if r["tag"] == "ceiling" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
-            n = round(_f(r["epochs"]))
-            if n not in ceiling or _f(r["val_accuracy"]) > _f(ceiling[n]["val_accuracy"]):
-                ceiling[n] = r
-    for epochs in sorted({n for (_, n, _) in c} | set(ceiling)):
-        if epochs in ceiling:
-            r = ceiling[epochs]
+    ceiling = _ceilings_by_length(rows)
+    epsilons = sorted({k[3] for k in c}, reverse=True)
+    text = "| batch | epochs (steps) | optimizer | lr | "
+    text += " | ".join(f"ε = {e:g}" for e in epsilons) + " |\n|" + "---|" * (4 + len(epsilons))
+    text += "\n"
+    lengths = {(k[2], k[1]) for k in c} | {(b, n) for (n, b) in ceiling}
+    for batch, epochs in sorted(lengths, key=lambda bn: (-bn[0], bn[1])):  # batch 128 first
+        if (epochs, batch) in ceiling:
+            r = ceiling[(epochs, batch)]
             text += (
-                f"| {epochs} ({r['steps']}) | Adam, not private (ceiling) | {r['lr']} | "
+                f"| {batch} | {epochs} ({r['steps']}) | Adam, not private (ceiling) | {r['lr']} | "
                 f"{100 * _f(r['test_accuracy']):.1f} (non-private) |"
                 + " |" * (len(epsilons) - 1)
                 + "\n"
             )
         for opt in OPTIMIZERS:
-            any_cell = next((c[(opt, epochs, e)] for e in epsilons if (opt, epochs, e) in c), None)
-            if any_cell is None:
+            mine = [c[k] for k in c if k[:3] == (opt, epochs, batch)]
+            if not mine:
                 continue
-            accs = " | ".join(_pm(c.get((opt, epochs, e), {}).get("test", [])) for e in epsilons)
+            accs = " | ".join(
+                _pm(c.get((opt, epochs, batch, e), {}).get("test", [])) for e in epsilons
+            )
             text += (
-                f"| {epochs} ({any_cell['steps']}) | {LABEL[opt]} | {any_cell['lr']} | {accs} |\n"
+                f"| {batch} | {epochs} ({mine[0]['steps']}) | {LABEL[opt]} | {mine[0]['lr']} | "
+                f"{accs} |\n"
             )
     return text
 
@@ -270,24 +280,28 @@ def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=120, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6), dpi=120, sharey=True)
     for ax, eps in zip(axes, (8.0, 3.0), strict=True):
         for j, opt in enumerate(OPTIMIZERS):
-            pts = sorted((n, cell["test"]) for (o, n, e), cell in c.items()
-                         if o == opt and e == eps and cell["test"])  # fmt: skip
-            if not pts:
-                continue
-            xs = [n for n, _ in pts]
-            ys = [100 * statistics.fmean(t) for _, t in pts]
-            es = [100 * statistics.stdev(t) if len(t) > 1 else 0 for _, t in pts]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, color=f"C{j}", label=LABEL[opt])
+            for batch, style in ((128, "-o"), (32, "--s")):
+                pts = sorted((cell["steps"], cell["test"]) for (o, _, b, e), cell in c.items()
+                             if (o, b, e) == (opt, batch, eps) and cell["test"])  # fmt: skip
+                if not pts:
+                    continue
+                ys = [100 * statistics.fmean(t) for _, t in pts]
+                es = [100 * statistics.stdev(t) if len(t) > 1 else 0 for _, t in pts]
+                ax.errorbar([s for s, _ in pts], ys, yerr=es, fmt=style, capsize=2,
+                            color=f"C{j}", label=f"{LABEL[opt]}, batch {batch}")  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel("epochs (batch 128, 78 steps each)")
+        ax.set_xlabel("steps (3 to 100 epochs)")
         ax.set_title(f"head mode, ε = {eps:g}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=6)
+    fig.suptitle("MiniLM head on WordNet nouns: more steps at a fixed ε (mean ± std over seeds)",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     path = out / "finetune-head-steps.png"
     fig.savefig(path)
     plt.close(fig)
@@ -380,7 +394,7 @@ def main() -> None:
     if ep := epochs_table(steps_rows):
         text += (
             f"\nLonger runs in head mode (`{steps_csv}`, studies/finetune-head-steps.toml): the lr "
-            "is tuned per optimizer and epoch count (ε = 8, seed 0, validation); mean ± std "
+            "is tuned per optimizer, epoch count and batch size (ε = 8, seed 0, validation); mean ± std "
             "(seeds) of test accuracy in %; here the eps variant gets the same four-lr budget:\n\n"
             + ep
         )
