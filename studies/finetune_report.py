@@ -198,6 +198,40 @@ def eps_table(rows: list[dict[str, str]]) -> str:
     return text
 
 
+def batch32_table(rows: list[dict[str, str]]) -> str:
+    """LoRA at expected batch 32 (`b32-*` rows) beside the same optimizers' batch-128 cells."""
+    best: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["tag"] == "b32-tune" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
+            v = variant(r)
+            if v not in best or _f(r["val_accuracy"]) > _f(best[v]["val_accuracy"]):
+                best[v] = r
+    if not best:
+        return ""
+    seeds: dict[tuple[str, float], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        v = variant(r)
+        if (r["tag"] in ("b32-tune", "b32-seeds") and r["status"] == "ok" and v in best
+                and r["lr"] == best[v]["lr"]):  # fmt: skip
+            seeds[(v, _f(r["target_epsilon"]))][r["seed"]] = _f(r["test_accuracy"])
+    c128 = cells(rows)
+    text = "| optimizer | batch (steps) | lr | ε = 8 | ε = 3 | validation, seed 0, ε = 8 |\n"
+    text += "|---|---|---|---|---|---|\n"
+    for v in OPTIMIZERS:
+        if v not in best:
+            continue
+        if (m := c128.get(("lora", v, 8.0))) is not None:
+            t3 = c128.get(("lora", v, 3.0), {}).get("test", [])
+            text += f"| {LABEL[v]} | 128 (235) | {m['lr']} | {_pm(m['test'])} | {_pm(t3)} | |\n"
+        r = best[v]
+        accs = " | ".join(_pm(list(seeds[(v, e)].values())) for e in (8.0, 3.0))
+        text += (
+            f"| {LABEL[v]} | 32 ({r['steps']}) | {r['lr']} | {accs} | "
+            f"{100 * _f(r['val_accuracy']):.1f} |\n"
+        )
+    return text
+
+
 def epoch_cells(rows: list[dict[str, str]]) -> dict[tuple[str, int, int, float], dict]:
     """(optimizer, epochs, batch, ε) -> test accuracies over the seeds of the setting tuned there.
 
@@ -386,6 +420,12 @@ def main() -> None:
             "\nExploration, not equal-budget tuning (seed 0, ε = 8): Adam's eps as a multiple of "
         )
         text += "the released gradient's noise std, against the tuned setting (eps 1e-8):\n\n" + eps
+    if b32 := batch32_table(rows):
+        text += (
+            "\nLoRA at expected batch 32 (3 epochs, 4x the steps of batch 128 for the same "
+            "examples and CPU), each optimizer's lr tuned on validation among three (ε = 8, "
+            "seed 0); test accuracy in %, mean ± std (seeds):\n\n" + b32
+        )
     steps_csv = path.parent / "finetune-head-steps.csv"
     steps_rows: list[dict[str, str]] = []
     if steps_csv.exists():
