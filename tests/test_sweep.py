@@ -71,3 +71,29 @@ def test_sweep_runs_resumes_and_reports(tmp_path, capsys):
         "wall_seconds",
     ):
         assert col in header, col
+
+
+def test_every_study_file_passes_the_checks_run_before_any_run():
+    """The committed studies/*.toml load, name known settings only, and take 'tuned' values from
+    a tag that an earlier block produces (else a sweep fails hours in, at the first seeds block)."""
+    from pathlib import Path
+
+    from dpmicroadam.study.sweep import check_sweep, load_sweep, sweep_command
+
+    files = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
+    assert len(files) >= 3
+    for path in files:
+        _, base, blocks = load_sweep(path)
+        check_sweep(path, sweep_command(path), base, blocks)
+
+
+def test_a_tuned_block_without_an_earlier_tuning_block_is_refused(tmp_path):
+    import pytest
+
+    from dpmicroadam.study.sweep import check_sweep, load_sweep
+
+    path = tmp_path / "s.toml"
+    path.write_text(SWEEP.replace('tag = "tune"', 'tag = "first"'))
+    _, base, blocks = load_sweep(path)
+    with pytest.raises(ValueError, match=r"\[\[grid\]\] 2: .*tagged 'tune'.*no earlier block"):
+        check_sweep(path, "train", base, blocks)

@@ -157,6 +157,19 @@ def check_sweep(
                         )
                     continue
                 check_types(cls, {key: v}, f"sweep file {str(path)!r} {where}")
+    tags_so_far: set[str] = set()
+    for i, block in enumerate(blocks, 1):
+        uses_tuned = any(
+            v == "tuned" or (isinstance(v, list) and "tuned" in v) for v in block.values()
+        )
+        source = str(block.get("tuned_from", "tune"))
+        if uses_tuned and source not in tags_so_far:
+            raise ValueError(
+                f"sweep file {str(path)!r} [[grid]] {i}: takes 'tuned' values from the rows tagged "
+                f"{source!r}, but no earlier block has tag = {source!r}; put the tuning block "
+                "first or set tuned_from to its tag"
+            )
+        tags_so_far.add(str(block.get("tag", "")))
 
 
 def sweep_command(path: str | Path) -> str:
