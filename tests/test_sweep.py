@@ -97,3 +97,42 @@ def test_a_tuned_block_without_an_earlier_tuning_block_is_refused(tmp_path):
     _, base, blocks = load_sweep(path)
     with pytest.raises(ValueError, match=r"\[\[grid\]\] 2: .*tagged 'tune'.*no earlier block"):
         check_sweep(path, "train", base, blocks)
+
+
+EPOCHS_SWEEP = """
+name = "ep"
+[base]
+dataset = "digits"
+batch_size = 256
+epsilon = 8.0
+eval_every = 1000
+[[grid]]
+tag = "tune"
+optimizer = "dp-sgd"
+epochs = 1
+lr = [0.05, 0.5]
+[[grid]]
+tag = "seeds"
+tuned_by = ["optimizer", "epochs"]
+optimizer = "dp-sgd"
+epochs = [1, 2]
+lr = "tuned"
+seed = 1
+"""
+
+
+def test_tuned_values_match_the_requested_epochs_not_the_realized_ones(tmp_path, capsys):
+    """The epochs column holds the steps' worth of epochs (not 1.0 here): tuning by epochs must
+    still find the epochs = 1 rows, and the epochs = 2 runs, which have no tuning row, are named."""
+    cfg = tmp_path / "ep.toml"
+    cfg.write_text(EPOCHS_SWEEP)
+    results = tmp_path / "results"
+    assert main(["sweep", str(cfg), "--results-dir", str(results)]) == 0
+    rows = read_rows(results / "ep.csv")
+    tune = [r for r in rows if r["tag"] == "tune"]
+    assert float(tune[0]["epochs"]) != 1.0  # the case that silently skipped the seeds before
+    best = max(tune, key=lambda r: float(r["val_accuracy"]))
+    seeds = [r for r in rows if r["tag"] == "seeds"]
+    assert [(r["lr"], r["seed"]) for r in seeds] == [(best["lr"], "1")]
+    err = capsys.readouterr().err
+    assert "block 2: no finished 'tune' row with optimizer=dp-sgd, epochs=2" in err

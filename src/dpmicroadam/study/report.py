@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -110,14 +111,30 @@ def best_matching(
     for r in records:
         if r["tag"] != tag or r["val"][0] != r["val"][0]:
             continue
-        if not all(_same(r.get(COLUMN_OF.get(k, k), ""), v) for k, v in wanted.items()):
+        if not all(_same(_setting(r, k), v) for k, v in wanted.items()):
             continue
         if best is None or r["val"][0] > best["val"][0]:
             best = r
     return best
 
 
-def _same(column: str, value: Any) -> bool:
+def _setting(record: dict[str, Any], key: str) -> Any:
+    """What the run asked for (its ``settings``), else its CSV column.
+
+    A column can hold a realized value instead: ``epochs`` is the steps' worth of epochs (3.008 for
+    ``epochs = 3`` at batch 128), so matching a requested setting against it would find nothing.
+    """
+    if record.get("settings"):
+        try:
+            given = json.loads(record["settings"])
+        except ValueError:
+            given = {}
+        if key in given:
+            return given[key]
+    return record.get(COLUMN_OF.get(key, key), "")
+
+
+def _same(column: Any, value: Any) -> bool:
     if value is None:
         return column in ("", None)
     a, b = _f(column), _f(value) if not isinstance(value, bool) else None

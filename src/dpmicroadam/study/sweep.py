@@ -181,14 +181,17 @@ def sweep_command(path: str | Path) -> str:
 
 
 def expand_block(
-    base: dict[str, Any], block: dict[str, Any], rows: list[dict[str, str]]
+    base: dict[str, Any],
+    block: dict[str, Any],
+    rows: list[dict[str, str]],
+    unmatched: list[dict[str, Any]] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The runs of one grid block: the Cartesian product of its list values.
 
     A value ``"tuned"`` (for lr, momentum, clip_norm, density, window_size, lr_schedule) takes the
     setting of that optimizer's best mean validation accuracy among the finished ``tune`` rows, so
     later blocks use what the tuning found, never the test split. Blocks whose tuned values are not
-    known yet yield no runs.
+    known yet yield no runs; the ``tuned_by`` values they looked for are appended to ``unmatched``.
     """
     block = dict(block)
     tag = str(block.pop("tag", "grid"))
@@ -205,8 +208,11 @@ def expand_block(
         tuned = [k for k, v in settings.items() if v == "tuned"]
         if tuned:
             settings.setdefault("optimizer", "dp-microadam")
-            rec = best_matching(records, {k: settings.get(k) for k in tuned_by}, tag=tuned_from)
+            wanted = {k: settings.get(k) for k in tuned_by}
+            rec = best_matching(records, wanted, tag=tuned_from)
             if rec is None:
+                if unmatched is not None and wanted not in unmatched:
+                    unmatched.append(wanted)
                 continue
             given = json.loads(rec["settings"]) if rec.get("settings") else None
             for k in tuned:
@@ -274,8 +280,17 @@ def run_sweep(
     for b, block in enumerate(blocks, 1):
         rows = read_rows(csv_path)
         done = {(r["tag"], r["run_id"]) for r in rows}
-        runs = expand_block(base, block, rows)
+        unmatched: list[dict[str, Any]] = []
+        runs = expand_block(base, block, rows, unmatched)
         todo = [(t, st) for t, st in runs if (t, run_id(st)) not in done]
+        for wanted in unmatched:
+            print(
+                f"sweep {name} block {b}: no finished {block.get('tuned_from', 'tune')!r} row with "
+                + ", ".join(f"{k}={v}" for k, v in wanted.items())
+                + " to take 'tuned' values from: those runs are skipped",
+                file=sys.stderr,
+                flush=True,
+            )
         print(
             f"sweep {name} block {b}/{len(blocks)} ({block.get('tag', 'grid')}): {len(runs)} runs, "
             f"{len(runs) - len(todo)} done, {len(todo)} to run",
