@@ -310,6 +310,7 @@ def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
     if not c:
         return None
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -324,9 +325,12 @@ def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
                     continue
                 ys = [100 * statistics.fmean(t) for _, t in pts]
                 es = [100 * statistics.stdev(t) if len(t) > 1 else 0 for _, t in pts]
+                label = LABEL[opt].replace(" (explored)", "")  # equal budget in this study
                 ax.errorbar([s for s, _ in pts], ys, yerr=es, fmt=style, capsize=2,
-                            color=f"C{j}", label=f"{LABEL[opt]}, batch {batch}")  # fmt: skip
+                            color=f"C{j}", label=f"{label}, batch {batch}")  # fmt: skip
         ax.set_xscale("log")
+        ax.set_xticks([300, 1000, 3000, 10000], ["300", "1 000", "3 000", "10 000"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("steps (3 to 100 epochs)")
         ax.set_title(f"head mode, ε = {eps:g}", fontsize=9)
         ax.grid(alpha=0.3)
