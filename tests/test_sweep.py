@@ -136,3 +136,56 @@ def test_tuned_values_match_the_requested_epochs_not_the_realized_ones(tmp_path,
     assert [(r["lr"], r["seed"]) for r in seeds] == [(best["lr"], "1")]
     err = capsys.readouterr().err
     assert "block 2: no finished 'tune' row with optimizer=dp-sgd, epochs=2" in err
+
+
+def test_blocks_without_tuned_values_share_the_pool_and_tuned_ones_wait():
+    from dpmicroadam.study.sweep import block_groups
+
+    blocks = [
+        {"tag": "tune", "lr": [0.1, 0.3]},
+        {"tag": "tune", "lr": 1.0},  # one run: joins the block before, no idle worker
+        {"tag": "seeds", "lr": "tuned", "seed": [0, 1]},  # needs the rows above
+        {"tag": "ceiling", "optimizer": "adam"},
+        {"tag": "more", "lr": ["tuned"]},
+    ]
+    assert block_groups(blocks) == [[0, 1], [2, 3], [4]]
+
+
+POOLED_SWEEP = """
+name = "pooled"
+[base]
+dataset = "digits"
+steps = 3
+batch_size = 64
+eval_every = 3
+epsilon = 8.0
+[[grid]]
+tag = "tune"
+optimizer = "dp-sgd"
+lr = [0.1, 0.3]
+[[grid]]
+tag = "tune"
+optimizer = "dp-sgd"
+lr = [0.3, 1.0]
+[[grid]]
+tag = "seeds"
+optimizer = "dp-sgd"
+lr = "tuned"
+seed = [0, 1]
+"""
+
+
+def test_pooled_blocks_run_a_shared_setting_once_and_tuned_blocks_see_every_row(tmp_path, capsys):
+    cfg = tmp_path / "pooled.toml"
+    cfg.write_text(POOLED_SWEEP)
+    results = tmp_path / "results"
+    assert main(["sweep", str(cfg), "--results-dir", str(results), "--jobs", "2"]) == 0
+    rows = read_rows(results / "pooled.csv")
+    tune = [r for r in rows if r["tag"] == "tune"]
+    assert sorted(float(r["lr"]) for r in tune) == [0.1, 0.3, 1.0]  # lr 0.3 once, not twice
+    best = max(tune, key=lambda r: float(r["val_accuracy"]))
+    seeds = [r for r in rows if r["tag"] == "seeds"]
+    assert sorted(r["seed"] for r in seeds) == ["0", "1"]
+    assert {r["lr"] for r in seeds} == {best["lr"]}  # chosen among all three tuning runs
+    err = capsys.readouterr().err
+    assert "block 2/3 (tune): 2 runs, 0 done, 1 also in an earlier block, 1 to run" in err

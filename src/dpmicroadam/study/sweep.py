@@ -24,8 +24,9 @@ the tuning run it is taken from, e.g. ``tuned_by = ["optimizer", "trainable", "e
 (default ``"tune"``). A non-private optimizer (adam, sgd, microadam) in a grid drops the
 privacy settings of ``[base]`` (ε, δ, C, ...), which do not apply to it. A study is meant to be
 reproduced: a run's ``noise_seed`` is its ``seed`` unless set (its summary then says that the
-guarantee assumes the seed stays secret). ``--jobs N`` runs N runs of a block at once, each in a fresh
-process with its own threads, so each run's peak memory is its own.
+guarantee assumes the seed stays secret). ``--jobs N`` runs N runs at once, each in a fresh
+process with its own threads, so each run's peak memory is its own; the runs of consecutive blocks
+without ``"tuned"`` values share the workers, and a block with one waits for every earlier run.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ def run_sweep(
 
     Args:
         jobs: Runs at once (each in a fresh process); 1 runs them here, one after another.
+            Consecutive blocks without "tuned" values share the pool (:func:`block_groups`).
         threads: torch threads per run (default: the CPU count divided by ``jobs``).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -277,26 +279,40 @@ def run_sweep(
     runs_dir.mkdir(parents=True, exist_ok=True)
     csv_path = results_dir / f"{name}.csv"
     ran = 0
-    for b, block in enumerate(blocks, 1):
+    for group in block_groups(blocks):
         rows = read_rows(csv_path)
-        done = {(r["tag"], r["run_id"]) for r in rows}
-        unmatched: list[dict[str, Any]] = []
-        runs = expand_block(base, block, rows, unmatched)
-        todo = [(t, st) for t, st in runs if (t, run_id(st)) not in done]
-        for wanted in unmatched:
+        finished = {(r["tag"], r["run_id"]) for r in rows}
+        planned = set(finished)
+        todo: list[tuple[str, dict[str, Any]]] = []
+        for b in group:
+            block = blocks[b]
+            unmatched: list[dict[str, Any]] = []
+            runs = expand_block(base, block, rows, unmatched)
+            mine = []
+            for t, st in runs:
+                if (t, run_id(st)) not in planned:  # done, or planned by an earlier block
+                    planned.add((t, run_id(st)))
+                    mine.append((t, st))
+            for wanted in unmatched:
+                print(
+                    f"sweep {name} block {b + 1}: no finished {block.get('tuned_from', 'tune')!r} "
+                    "row with "
+                    + ", ".join(f"{k}={v}" for k, v in wanted.items())
+                    + " to take 'tuned' values from: those runs are skipped",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            n_done = sum((t, run_id(st)) in finished for t, st in runs)
+            shared = len(runs) - n_done - len(mine)
             print(
-                f"sweep {name} block {b}: no finished {block.get('tuned_from', 'tune')!r} row with "
-                + ", ".join(f"{k}={v}" for k, v in wanted.items())
-                + " to take 'tuned' values from: those runs are skipped",
+                f"sweep {name} block {b + 1}/{len(blocks)} ({block.get('tag', 'grid')}): "
+                f"{len(runs)} runs, {n_done} done, "
+                + (f"{shared} also in an earlier block, " if shared else "")
+                + f"{len(mine)} to run",
                 file=sys.stderr,
                 flush=True,
             )
-        print(
-            f"sweep {name} block {b}/{len(blocks)} ({block.get('tag', 'grid')}): {len(runs)} runs, "
-            f"{len(runs) - len(todo)} done, {len(todo)} to run",
-            file=sys.stderr,
-            flush=True,
-        )
+            todo += mine
         if limit is not None:
             todo = todo[: max(0, limit - ran)]
         for i, row in enumerate(_execute(todo, runs_dir, command, progress, jobs, threads), 1):
@@ -313,6 +329,23 @@ def run_sweep(
     rows = read_rows(csv_path)
     write_report(rows, results_dir, name)
     return rows
+
+
+def block_groups(blocks: list[dict[str, Any]]) -> list[list[int]]:
+    """Indices of the blocks whose runs can share the ``--jobs`` pool, in file order.
+
+    A block with a ``"tuned"`` value needs every earlier block's rows, so it starts a new group;
+    a block without one needs nothing and joins the group before it (so that a one-run block does
+    not leave the other workers idle).
+    """
+    groups: list[list[int]] = []
+    for i, block in enumerate(blocks):
+        tuned = any(v == "tuned" or (isinstance(v, list) and "tuned" in v) for v in block.values())
+        if tuned or not groups:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
 
 
 def tag_of(row: dict[str, Any]) -> str:
