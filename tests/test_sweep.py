@@ -189,3 +189,27 @@ def test_pooled_blocks_run_a_shared_setting_once_and_tuned_blocks_see_every_row(
     assert {r["lr"] for r in seeds} == {best["lr"]}  # chosen among all three tuning runs
     err = capsys.readouterr().err
     assert "block 2/3 (tune): 2 runs, 0 done, 1 also in an earlier block, 1 to run" in err
+
+
+def test_each_row_names_the_code_that_ran_it(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from dpmicroadam.study.sweep import _codes_of, code_version
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(SWEEP)
+    results = tmp_path / "results"
+    assert main(["sweep", str(cfg), "--results-dir", str(results), "--limit", "1"]) == 0
+    (row,) = read_rows(results / "tiny.csv")
+    assert row["code"] == code_version() != ""
+    repo = Path(__file__).resolve().parents[1]
+    git = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    if git.returncode == 0:  # a git checkout: the commit, marked when src/ differs from it
+        assert row["code"].split("+")[0] == git.stdout.strip()[:12]
+    # a run that another code resumed names both, in order
+    run_dir = results / "runs" / "tiny" / row["run_id"]
+    (run_dir / "code.txt").write_text("aaaa\nbbbb\naaaa\n")
+    assert _codes_of(run_dir) == "aaaa then bbbb"

@@ -32,10 +32,12 @@ without ``"tuned"`` values share the workers, and a block with one waits for eve
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import itertools
 import json
 import math
+import subprocess
 import sys
 import time
 import tomllib
@@ -85,7 +87,9 @@ COLUMNS = [
     "topk_block",
     "density_head",
     "settings",  # the run's settings as given (JSON): what "tuned" copies from a tuning run
+    "code",  # the code that ran it: git commit (+modified) or package version; "a then b" on resume
 ]
+CODE_FILE = "code.txt"
 COMMANDS = ("train", "finetune")
 
 
@@ -400,8 +404,12 @@ def _run_one(
     rid = run_id(settings)
     out = runs_dir / rid
     if (out / "summary.json").exists():
-        return _row(rid, tag, "ok", settings, json.loads((out / "summary.json").read_text()))
+        summary = json.loads((out / "summary.json").read_text())
+        return _row(rid, tag, "ok", settings, {**summary, "code": _codes_of(out)})
     resume = (out / CHECKPOINT).exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / CODE_FILE).open("a") as fh:  # one line per start: a resumed run lists both
+        fh.write(code_version() + "\n")
     given = {**settings, "out": str(out), "resume": resume, "progress": progress}
     given.setdefault("noise_seed", given.get("seed", 0))  # a study is reproducible
     if given.get("optimizer") in PUBLIC_OPTIMIZERS:  # a non-private baseline of a private grid
@@ -417,10 +425,44 @@ def _run_one(
         run = Run(cfg).fit
     start = time.perf_counter()
     try:
-        return _row(rid, tag, "ok", settings, run())
+        return _row(rid, tag, "ok", settings, {**run(), "code": _codes_of(out)})
     except TrainingDiverged:
         summary = {"optimizer": cfg.optimizer, "wall_seconds": time.perf_counter() - start}
-        return _row(rid, tag, "diverged", settings, summary)
+        return _row(rid, tag, "diverged", settings, {**summary, "code": _codes_of(out)})
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The code running now: the git commit of the source tree (``+modified`` when its ``src/``
+    differs from that commit), else the installed package's version."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "src"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.strip()  # fmt: skip
+        if head:
+            return head + ("+modified" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "dpmicroadam " + version("dpmicroadam")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _codes_of(out: Path) -> str:
+    try:
+        lines = [ln for ln in (out / CODE_FILE).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""  # a run finished before code.txt existed
+    return " then ".join(dict.fromkeys(lines))
 
 
 def _row(
