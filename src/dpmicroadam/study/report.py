@@ -111,26 +111,30 @@ def best_matching(
     for r in records:
         if r["tag"] != tag or r["val"][0] != r["val"][0]:
             continue
-        if not all(_same(_setting(r, k), v) for k, v in wanted.items()):
+        given = _given(r)
+        if not all(_same(_setting(r, given, k), v) for k, v in wanted.items()):
             continue
         if best is None or r["val"][0] > best["val"][0]:
             best = r
     return best
 
 
-def _setting(record: dict[str, Any], key: str) -> Any:
-    """What the run asked for (its ``settings``), else its CSV column.
+def _given(record: dict[str, Any]) -> dict[str, Any]:
+    """The settings the run asked for (its ``settings`` JSON); empty for an older CSV."""
+    try:
+        return json.loads(record.get("settings") or "{}")
+    except ValueError:
+        return {}
+
+
+def _setting(record: dict[str, Any], given: dict[str, Any], key: str) -> Any:
+    """What the run asked for, else its CSV column.
 
     A column can hold a realized value instead: ``epochs`` is the steps' worth of epochs (3.008 for
     ``epochs = 3`` at batch 128), so matching a requested setting against it would find nothing.
     """
-    if record.get("settings"):
-        try:
-            given = json.loads(record["settings"])
-        except ValueError:
-            given = {}
-        if key in given:
-            return given[key]
+    if key in given:
+        return given[key]
     return record.get(COLUMN_OF.get(key, key), "")
 
 

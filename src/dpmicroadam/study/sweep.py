@@ -164,11 +164,8 @@ def check_sweep(
                 check_types(cls, {key: v}, f"sweep file {str(path)!r} {where}")
     tags_so_far: set[str] = set()
     for i, block in enumerate(blocks, 1):
-        uses_tuned = any(
-            v == "tuned" or (isinstance(v, list) and "tuned" in v) for v in block.values()
-        )
         source = str(block.get("tuned_from", "tune"))
-        if uses_tuned and source not in tags_so_far:
+        if _uses_tuned(block) and source not in tags_so_far:
             raise ValueError(
                 f"sweep file {str(path)!r} [[grid]] {i}: takes 'tuned' values from the rows tagged "
                 f"{source!r}, but no earlier block has tag = {source!r}; put the tuning block "
@@ -292,11 +289,12 @@ def run_sweep(
             block = blocks[b]
             unmatched: list[dict[str, Any]] = []
             runs = expand_block(base, block, rows, unmatched)
+            keys = [(t, run_id(st)) for t, st in runs]
             mine = []
-            for t, st in runs:
-                if (t, run_id(st)) not in planned:  # done, or planned by an earlier block
-                    planned.add((t, run_id(st)))
-                    mine.append((t, st))
+            for key, run in zip(keys, runs, strict=True):
+                if key not in planned:  # done, or planned by an earlier block
+                    planned.add(key)
+                    mine.append(run)
             for wanted in unmatched:
                 print(
                     f"sweep {name} block {b + 1}: no finished {block.get('tuned_from', 'tune')!r} "
@@ -306,7 +304,7 @@ def run_sweep(
                     file=sys.stderr,
                     flush=True,
                 )
-            n_done = sum((t, run_id(st)) in finished for t, st in runs)
+            n_done = sum(key in finished for key in keys)
             shared = len(runs) - n_done - len(mine)
             print(
                 f"sweep {name} block {b + 1}/{len(blocks)} ({block.get('tag', 'grid')}): "
@@ -344,12 +342,15 @@ def block_groups(blocks: list[dict[str, Any]]) -> list[list[int]]:
     """
     groups: list[list[int]] = []
     for i, block in enumerate(blocks):
-        tuned = any(v == "tuned" or (isinstance(v, list) and "tuned" in v) for v in block.values())
-        if tuned or not groups:
+        if _uses_tuned(block) or not groups:
             groups.append([i])
         else:
             groups[-1].append(i)
     return groups
+
+
+def _uses_tuned(block: dict[str, Any]) -> bool:
+    return any(v == "tuned" or (isinstance(v, list) and "tuned" in v) for v in block.values())
 
 
 def tag_of(row: dict[str, Any]) -> str:
