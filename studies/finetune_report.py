@@ -295,6 +295,7 @@ def density_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     c = cells(rows)
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), dpi=120, sharey=True)
@@ -313,7 +314,9 @@ def density_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
                             yerr=[100 * statistics.stdev(m["test"]) if len(m["test"]) > 1 else 0],
                             fmt="s", capsize=2, color=f"C{j}", label=LABEL[opt])  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel("optimizer state (bytes), 10 010 parameters")
+        ax.set_xticks([5e3, 1e4, 2e4, 5e4, 1e5], ["5 kB", "10 kB", "20 kB", "50 kB", "100 kB"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("optimizer state, 10 010 parameters")
         ax.set_title(f"head mode, 3 epochs, ε = {eps:g}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
