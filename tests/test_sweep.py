@@ -213,3 +213,19 @@ def test_each_row_names_the_code_that_ran_it(tmp_path):
     run_dir = results / "runs" / "tiny" / row["run_id"]
     (run_dir / "code.txt").write_text("aaaa\nbbbb\naaaa\n")
     assert _codes_of(run_dir) == "aaaa then bbbb"
+
+
+def test_a_run_refused_by_its_checks_leaves_no_folder(tmp_path):
+    import pytest
+
+    from dpmicroadam.study.sweep import _run_one, run_id
+
+    settings = {"dataset": "digits", "steps": 4, "batch_size": 64, "optimizer": "dp-sgd"}
+    settings["lr"] = -0.1
+    with pytest.raises(ValueError, match="lr"):
+        _run_one("tune", settings, tmp_path, progress=False)
+    assert not (tmp_path / run_id(settings)).exists()
+    settings["lr"] = 0.1  # the same call with a valid lr does run, and records its code
+    row = _run_one("tune", settings, tmp_path, progress=False)
+    assert row["status"] == "ok"
+    assert (tmp_path / run_id(settings) / "code.txt").read_text().strip() == row["code"]

@@ -408,9 +408,6 @@ def _run_one(
         summary = json.loads((out / "summary.json").read_text())
         return _row(rid, tag, "ok", settings, {**summary, "code": _codes_of(out)})
     resume = (out / CHECKPOINT).exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / CODE_FILE).open("a") as fh:  # one line per start: a resumed run lists both
-        fh.write(code_version() + "\n")
     given = {**settings, "out": str(out), "resume": resume, "progress": progress}
     given.setdefault("noise_seed", given.get("seed", 0))  # a study is reproducible
     if given.get("optimizer") in PUBLIC_OPTIMIZERS:  # a non-private baseline of a private grid
@@ -424,6 +421,10 @@ def _run_one(
     else:
         cfg = resolve_config(given)
         run = Run(cfg).fit
+    # only once the settings passed their checks: a refused run leaves no folder behind
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / CODE_FILE).open("a") as fh:  # one line per start: a resumed run lists both
+        fh.write(code_version() + "\n")
     start = time.perf_counter()
     try:
         return _row(rid, tag, "ok", settings, {**run(), "code": _codes_of(out)})
