@@ -229,3 +229,32 @@ def test_a_run_refused_by_its_checks_leaves_no_folder(tmp_path):
     row = _run_one("tune", settings, tmp_path, progress=False)
     assert row["status"] == "ok"
     assert (tmp_path / run_id(settings) / "code.txt").read_text().strip() == row["code"]
+
+
+def test_plan_counts_what_the_sweep_then_runs_and_runs_nothing(tmp_path, capsys):
+    from dpmicroadam.study.plan import plan_sweep
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(SWEEP)
+    results = tmp_path / "results"
+    csv_path = results / "tiny.csv"
+
+    def counts():
+        return [(p["runs"], p["done"], p["to_run"], p["waiting"]) for p in plan_sweep(cfg, results)]
+
+    assert main(["sweep", str(cfg), "--results-dir", str(results), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "4 to run now, 4 waiting for their tuning" in out
+    assert not csv_path.exists() and not (results / "runs").exists()  # nothing ran or was made
+    assert counts() == [(4, 0, 4, 0), (4, 0, 0, 4)]
+    assert all(p["seconds"] is None for p in plan_sweep(cfg, results))  # nothing to measure by
+
+    assert main(["sweep", str(cfg), "--results-dir", str(results), "--limit", "1"]) == 0
+    (first,) = read_rows(csv_path)
+    # dp-sgd has a tuning row now, so its two ε runs can run; dp-microadam's still wait
+    assert counts() == [(4, 1, 3, 0), (4, 0, 2, 2)]
+    plan = plan_sweep(cfg, results)
+    assert plan[0]["seconds"] == 3 * float(first["wall_seconds"])  # the one finished row's pace
+    assert main(["sweep", str(cfg), "--results-dir", str(results)]) == 0
+    assert len(read_rows(csv_path)) == 1 + 3 + 4  # what the plan counted, once the tuning ended
+    assert counts() == [(4, 4, 0, 0), (4, 4, 0, 0)]

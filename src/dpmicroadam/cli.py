@@ -145,6 +145,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from dpmicroadam.study.report import write_report
     from dpmicroadam.study.sweep import load_sweep, read_rows, run_sweep
 
+    if args.plan:
+        from dpmicroadam.study.plan import format_plan, plan_sweep
+
+        name, _, _ = load_sweep(args.config)
+        print(format_plan(plan_sweep(args.config, args.results_dir), name))
+        return 0
     if args.report_only:
         name, _, _ = load_sweep(args.config)
         rows = read_rows(Path(args.results_dir) / f"{name}.csv")
@@ -315,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="run at most this many missing runs, then stop")
     p.add_argument("--progress", action="store_true", help="show each run's progress bar")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plots")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="run nothing: print per block what is done, what would run and an estimate of its time",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     p.add_argument("--threads", type=int, help="torch threads per run (default: CPUs / jobs)")
     p.set_defaults(func=cmd_sweep)

@@ -27,6 +27,8 @@ reproduced: a run's ``noise_seed`` is its ``seed`` unless set (its summary then 
 guarantee assumes the seed stays secret). ``--jobs N`` runs N runs at once, each in a fresh
 process with its own threads, so each run's peak memory is its own; the runs of consecutive blocks
 without ``"tuned"`` values share the workers, and a block with one waits for every earlier run.
+``--plan`` runs nothing and prints what each block still has to run, with an estimate of its time
+(:mod:`dpmicroadam.study.plan`).
 """
 
 from __future__ import annotations
