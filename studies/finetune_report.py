@@ -403,6 +403,49 @@ def epochs_table(rows: list[dict[str, str]]) -> str:
     return text
 
 
+def steps_density_table(rows: list[dict[str, str]]) -> str:
+    """Head-steps rows: DP-MicroAdam below 1 % density (`density-*` tags) beside its 1 % setting
+    and DP-Adam at the same length (batch 128); each density's lr chosen on validation."""
+    best: dict[tuple[float, int], dict[str, str]] = {}
+    for r in rows:
+        if r["tag"] == "density-tune" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
+            k = (_f(r["density"]), round(_f(r["epochs"])))
+            if k not in best or _f(r["val_accuracy"]) > _f(best[k]["val_accuracy"]):
+                best[k] = r
+    if not best:
+        return ""
+    tests: dict[tuple[float, int, float], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        k = (_f(r["density"]), round(_f(r["epochs"])))
+        if (r["tag"] in ("density-tune", "density-seeds") and r["status"] == "ok" and k in best
+                and r["lr"] == best[k]["lr"]):  # fmt: skip
+            tests[(*k, _f(r["target_epsilon"]))][r["seed"]] = _f(r["test_accuracy"])
+    c = epoch_cells(rows)
+    per_param = {r["optimizer"] + r["density"]: _f(r["optimizer_state_bytes_per_param"])
+                 for r in rows if r["status"] == "ok"}  # fmt: skip
+    text = "| epochs (steps) | optimizer | density | lr | ε = 8 | ε = 3 | bytes/param |\n"
+    text += "|---|---|---|---|---|---|---|\n"
+    for epochs in sorted({e for _, e in best}):
+        for opt in ("dp-adam", "dp-microadam"):
+            if (m := c.get((opt, epochs, 128, 8.0))) is None:
+                continue
+            t3 = c.get((opt, epochs, 128, 3.0), {}).get("test", [])
+            dens = "1 %" if opt == "dp-microadam" else "dense"
+            bpp = per_param.get(opt + "0.01")  # DP-Adam's rows carry the default density too
+            text += (
+                f"| {epochs} ({m['steps']}) | {LABEL[opt]} | {dens} | {m['lr']} | "
+                f"{_pm(m['test'])} | {_pm(t3)} | {'–' if bpp is None else f'{bpp:.2f}'} |\n"
+            )
+        for d in sorted((d for d, e in best if e == epochs), reverse=True):
+            r = best[(d, epochs)]
+            accs = " | ".join(_pm(list(tests[(d, epochs, e)].values())) for e in (8.0, 3.0))
+            text += (
+                f"| {epochs} ({r['steps']}) | DP-MicroAdam | {100 * d:g} % | {r['lr']} | {accs} | "
+                f"{_f(r['optimizer_state_bytes_per_param']):.2f} |\n"
+            )
+    return text
+
+
 def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
     c = epoch_cells(rows)
     if not c:
@@ -545,6 +588,12 @@ def main() -> None:
             "is tuned per optimizer, epoch count and batch size (ε = 8, seed 0, validation); mean ± std "
             "(seeds) of test accuracy in %; here the eps variant gets the same four-lr budget:\n\n"
             + ep
+        )
+    if sd := steps_density_table(steps_rows):
+        text += (
+            "\nLonger runs in head mode, density below 1 % (batch 128; each density's lr tuned on "
+            "validation among four, ε = 8, seed 0); test accuracy in %, mean ± std (seeds):\n\n"
+            + sd
         )
     out = path.parent / "finetune-wordnet-summary.md"
     out.write_text(text)
