@@ -232,6 +232,18 @@ def batch32_table(rows: list[dict[str, str]]) -> str:
     return text
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, and its NullFormatter (imported late:
+    the tables need no matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    return plt, NullFormatter
+
+
 def density_cells(rows: list[dict[str, str]]) -> dict[float, dict]:
     """Head mode, DP-MicroAdam per density: the lr chosen on validation among its `density-tune`
     runs (the 1 % point from the main tuning), and the test accuracies of its seeds per ε."""
@@ -291,11 +303,7 @@ def density_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
     dc = density_cells(rows)
     if not dc:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    plt, NullFormatter = _pyplot()
 
     c = cells(rows)
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), dpi=120, sharey=True)
@@ -315,7 +323,7 @@ def density_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
                             fmt="s", capsize=2, color=f"C{j}", label=LABEL[opt])  # fmt: skip
         ax.set_xscale("log")
         ax.set_xticks([5e3, 1e4, 2e4, 5e4, 1e5], ["5 kB", "10 kB", "20 kB", "50 kB", "100 kB"])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("optimizer state, 10 010 parameters")
         ax.set_title(f"head mode, 3 epochs, ε = {eps:g}", fontsize=9)
         ax.grid(alpha=0.3)
@@ -450,11 +458,7 @@ def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
     c = epoch_cells(rows)
     if not c:
         return None
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt, NullFormatter = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6), dpi=120, sharey=True)
     for ax, eps in zip(axes, (8.0, 3.0), strict=True):
@@ -471,7 +475,7 @@ def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
                             color=f"C{j}", label=f"{label}, batch {batch}")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xticks([300, 1000, 3000, 10000], ["300", "1 000", "3 000", "10 000"])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("steps (3 to 100 epochs)")
         ax.set_title(f"head mode, ε = {eps:g}", fontsize=9)
         ax.grid(alpha=0.3)
@@ -488,10 +492,7 @@ def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
 
 
 def plots(rows: list[dict[str, str]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt, _ = _pyplot()
 
     c = cells(rows)
     written = []
