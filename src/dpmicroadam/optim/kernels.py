@@ -43,6 +43,7 @@ class Hyper:
     quant_bucket_size: int
     topk_block_size: int | None
     value_dtype: torch.dtype
+    ef_rounding: str = "nearest"
 
     @classmethod
     def from_group(cls, group: dict) -> Hyper:
@@ -59,6 +60,7 @@ class Hyper:
             quant_bucket_size=int(group["quant_bucket_size"]),
             topk_block_size=AUTO_BLOCK_SIZE if block == "auto" else block,
             value_dtype=group["value_dtype"],
+            ef_rounding=group.get("ef_rounding", "nearest"),
         )
 
     def layout(self, numel: int) -> BlockLayout:
@@ -228,9 +230,19 @@ def _write_slot(state: dict[str, Tensor], t: int, local: Tensor, values: Tensor)
 
 
 def loop_step(
-    p: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyper, layout: BlockLayout, name: str
+    p: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    hp: Hyper,
+    layout: BlockLayout,
+    name: str,
+    dither: Tensor | None = None,
 ) -> None:
-    """Ground truth: SPEC section 1 one block, bucket and window slot at a time."""
+    """Ground truth: SPEC section 1 one block, bucket and window slot at a time.
+
+    ``dither``: uniform draws in [0, 1), one per entry, for stochastic rounding of the error
+    feedback (``None``: round to nearest, as SPEC).
+    """
     t = int(state["step"]) + 1
     comp, d = compute_dtype(p), p.numel()
     # 1. a <- g + dequant(e)
@@ -249,7 +261,7 @@ def loop_step(
     if hp.ef_bits is None:
         state["ef"].copy_(a)
     else:
-        _quantize_loop(a, state, hp)
+        _quantize_loop(a, state, hp, dither)
     _write_slot(state, t, local, values)
     # 4. moments from the window
     big_m = torch.zeros(d, dtype=comp, device=p.device)
@@ -288,14 +300,21 @@ def _dequantize_loop(state: dict[str, Tensor], hp: Hyper, d: int, comp: torch.dt
     return e
 
 
-def _quantize_loop(a: Tensor, state: dict[str, Tensor], hp: Hyper) -> None:
+def _quantize_loop(
+    a: Tensor, state: dict[str, Tensor], hp: Hyper, dither: Tensor | None = None
+) -> None:
     levels, q = 2**hp.ef_bits - 1, hp.quant_bucket_size
     packed = []
     for b, start in enumerate(range(0, a.numel(), q)):
         x = a[start : start + q]
         lo, hi = x.min(), x.max()
         s = (hi - lo) / levels
-        code = torch.floor((x - lo) / s + 0.5) if s > 0 else torch.zeros_like(x)
+        if s <= 0:
+            code = torch.zeros_like(x)
+        elif dither is None:
+            code = torch.floor((x - lo) / s + 0.5)
+        else:  # stochastic rounding: unbiased, never above the top level
+            code = torch.floor((x - lo) / s + dither[start : start + q]).clamp(max=levels)
         packed.append(pack_bucket(code.to(torch.uint8), hp.ef_bits))
         state["ef_min"][b] = lo
         state["ef_max"][b] = hi
@@ -303,9 +322,17 @@ def _quantize_loop(a: Tensor, state: dict[str, Tensor], hp: Hyper) -> None:
 
 
 def fast_step(
-    p: Tensor, grad: Tensor, state: dict[str, Tensor], hp: Hyper, layout: BlockLayout, name: str
+    p: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    hp: Hyper,
+    layout: BlockLayout,
+    name: str,
+    dither: Tensor | None = None,
 ) -> None:
     """Vectorized step: 2-D block top-k, bucketed quantization, sparse window update.
+
+    ``dither`` as in :func:`loop_step`.
 
     One dense temporary of the parameter's size (``a``); after quantization it is reused to
     accumulate the window moments at the window's coordinates only.
@@ -329,7 +356,7 @@ def fast_step(
         scratch, state["ef"] = state["ef"], a
     else:
         state["ef_codes"], state["ef_min"], state["ef_max"] = quantize_(
-            a, hp.ef_bits, hp.quant_bucket_size
+            a, hp.ef_bits, hp.quant_bucket_size, dither
         )
         scratch = a
     _write_slot(state, t, local, values)

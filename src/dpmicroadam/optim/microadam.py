@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from .batched import batchable, batched_step
-from .kernels import Hyper, check_state, fast_step, init_state, loop_step
+from .kernels import Hyper, check_state, compute_dtype, fast_step, init_state, loop_step
 from .packed import MIN_PACK, pack_members, packable, packed_step
 from .validated import ValidatedOptimizer
 
 STATE_FORMAT_VERSION = 1
+EF_ROUNDINGS = ("nearest", "stochastic")
 _IMPLEMENTATIONS = {"fast": fast_step, "loop": loop_step, "compiled": fast_step}
 
 
@@ -66,6 +67,16 @@ def validate_group(group: dict) -> None:
     vd = group["value_dtype"]
     if not isinstance(vd, torch.dtype) or not vd.is_floating_point:
         raise _bad("value_dtype", vd, "must be a floating torch.dtype such as torch.bfloat16")
+    rounding = group.get("ef_rounding", "nearest")  # absent from state dicts saved before it
+    if rounding not in EF_ROUNDINGS:
+        raise _bad("ef_rounding", rounding, f"must be one of {EF_ROUNDINGS}")
+    if rounding == "stochastic" and group["ef_bits"] is None:
+        raise _bad(
+            "ef_rounding",
+            rounding,
+            "needs a quantized error feedback (ef_bits=4 or 8); exact error feedback is not "
+            "rounded, use ef_rounding='nearest'",
+        )
     if group["implementation"] not in _IMPLEMENTATIONS:
         raise _bad(
             "implementation", group["implementation"], f"must be one of {sorted(_IMPLEMENTATIONS)}"
@@ -120,6 +131,15 @@ class MicroAdam(ValidatedOptimizer):
         topk_block_size: ``"auto"`` (blocks of 32768, int16 indices), an integer, or ``None`` for
             top-k over each whole tensor.
         value_dtype: dtype of the stored window values.
+        ef_rounding: ``"nearest"`` (SPEC) or ``"stochastic"``: the quantized error feedback is
+            rounded up or down at random, unbiased (see :mod:`dpmicroadam.optim.quantize`).
+            Rounding to nearest loses every increment under half a quantization step, which
+            at low density over long runs starves most coordinates (docs/results.md). The
+            draws come from one generator per device seeded with ``rounding_seed``, stepped
+            tensor by tensor; their state is in :meth:`state_dict`. Stochastic tensors are
+            stepped one at a time (not batched or packed), in parameter order.
+        rounding_seed: seed of the stochastic rounding's generators. The rounding only
+            post-processes released gradients, so it needs no secrecy.
         implementation: ``"fast"`` (vectorized; large tensors are stepped together, see
             :mod:`dpmicroadam.optim.packed`), ``"compiled"`` (the same with the large tensors'
             elementwise stages built by ``torch.compile`` on the first step, seconds; falls
@@ -146,6 +166,8 @@ class MicroAdam(ValidatedOptimizer):
         topk_block_size: int | str | None = "auto",
         value_dtype: torch.dtype = torch.bfloat16,
         implementation: str = "fast",
+        ef_rounding: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -159,7 +181,12 @@ class MicroAdam(ValidatedOptimizer):
             topk_block_size=topk_block_size,
             value_dtype=value_dtype,
             implementation=implementation,
+            ef_rounding=ef_rounding,
         )
+        if not isinstance(rounding_seed, int) or isinstance(rounding_seed, bool):
+            raise _bad("rounding_seed", rounding_seed, "must be an integer")
+        self.rounding_seed = rounding_seed
+        self._rounding_rngs: dict[str, torch.Generator] = {}
         super().__init__(params, defaults)
 
     def _plan_step(self) -> tuple[list[tuple], list[tuple], list[tuple], list[tuple]]:
@@ -189,6 +216,7 @@ class MicroAdam(ValidatedOptimizer):
                     check_state(state, p, hp, layout, name)
                 key = (p.device, p.dtype, int(state["step"]) if state else 0)
                 fast = group["implementation"] != "loop" and p.grad.is_contiguous()
+                fast = fast and hp.ef_rounding == "nearest"  # dither is drawn per tensor
                 if fast and batchable(p, hp):
                     small.setdefault(key, []).append((name, p))
                 elif fast and packable(p, hp):
@@ -256,12 +284,28 @@ class MicroAdam(ValidatedOptimizer):
             state = self.state[p]
             if not state:
                 state.update(init_state(p, hp, layout))
-            _IMPLEMENTATIONS[group["implementation"]](p, grad, state, hp, layout, name)
+            step = _IMPLEMENTATIONS[group["implementation"]]
+            step(p, grad, state, hp, layout, name, self._dither(p, hp))
         for names, params, flat, hp in batches:
             batched_step(names, params, flat, self._states(params, hp), hp)
         for names, params, hp, jit in packs:
             packed_step(names, params, self._states(params, hp), hp, jit)
         return loss
+
+    def _rounding_rng(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._rounding_rngs:
+            self._rounding_rngs[key] = torch.Generator(device=device).manual_seed(
+                self.rounding_seed
+            )
+        return self._rounding_rngs[key]
+
+    def _dither(self, p: Tensor, hp: Hyper) -> Tensor | None:
+        """One uniform draw per entry of ``p`` for stochastic rounding, else ``None``."""
+        if hp.ef_rounding != "stochastic":
+            return None
+        gen = self._rounding_rng(p.device)
+        return torch.rand(p.numel(), generator=gen, device=p.device, dtype=compute_dtype(p))
 
     def _states(self, params: list[Tensor], hp: Hyper) -> list[dict[str, Tensor]]:
         """The states of ``params``, created at their first step."""
@@ -274,6 +318,8 @@ class MicroAdam(ValidatedOptimizer):
         """torch's optimizer state dict plus ``format_version``."""
         sd = super().state_dict()
         sd["format_version"] = STATE_FORMAT_VERSION
+        if self._rounding_rngs:
+            sd["rounding_rngs"] = {k: g.get_state() for k, g in self._rounding_rngs.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -289,7 +335,13 @@ class MicroAdam(ValidatedOptimizer):
                 f"{STATE_FORMAT_VERSION}); load a dict saved by this version of MicroAdam.state_dict()."
             )
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "format_version"})
+        rngs = state_dict.get("rounding_rngs", {})
+        super().load_state_dict(
+            {k: v for k, v in state_dict.items() if k not in ("format_version", "rounding_rngs")}
+        )
+        self._rounding_rngs = {}
+        for key, rng_state in rngs.items():
+            self._rounding_rng(torch.device(key)).set_state(rng_state)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             validate_group(group)
             for pid, p in zip(saved_group["params"], group["params"]):

@@ -8,7 +8,11 @@ be shorter). Each bucket keeps its ``lo = min`` and ``hi = max``; with ``L = 2**
     s = (hi - lo) / L,\\qquad code = \\lfloor (x - lo) / s + 1/2 \\rfloor,\\qquad
     \\hat x = lo + code \\cdot s
 
-so that ``|x - x_hat| <= s / 2``. A constant bucket (``hi == lo``) gets code 0 and decodes to
+so that ``|x - x_hat| <= s / 2``. With stochastic rounding (``dither``: one uniform draw
+``u`` in [0, 1) per entry) the code is ``min(floor((x - lo) / s + u), L)`` instead: unbiased,
+``E[x_hat] = x``, with ``|x - x_hat| < s``. Rounding to nearest has a dead zone: an error-feedback
+entry that grows by less than ``s / 2`` per step, while one large entry of its bucket keeps ``s``
+wide, is rounded back to the same code every step and its gradient is lost. A constant bucket (``hi == lo``) gets code 0 and decodes to
 ``lo`` exactly; nothing is ever divided by zero.
 
 Packing: 8-bit codes take one byte each. 4-bit codes go two per byte *within a bucket*: a bucket
@@ -71,13 +75,17 @@ def unpack_bucket(packed: Tensor, bits: int, length: int) -> Tensor:
     return torch.cat([packed & 0x0F, packed[: length - h] >> 4])
 
 
-def quantize_(x: Tensor, bits: int, bucket_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_(
+    x: Tensor, bits: int, bucket_size: int, dither: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize a flat tensor per bucket, using ``x`` itself as scratch (its values are lost).
 
     Args:
         x: 1-D contiguous floating tensor of finite values; overwritten.
         bits: 4 or 8.
         bucket_size: entries per bucket (the last bucket may be shorter).
+        dither: ``None`` to round to nearest, or uniform draws in [0, 1), one per entry of ``x``
+            (same shape and dtype), for stochastic rounding.
 
     Returns:
         ``(packed_codes, lo, hi)``: uint8 codes packed as described in the module docstring,
@@ -96,7 +104,12 @@ def quantize_(x: Tensor, bits: int, bucket_size: int) -> tuple[Tensor, Tensor, T
         step = (seg_hi - seg_lo) / levels
         # A constant bucket has x - lo == 0, so any positive divisor yields code 0.
         step = torch.where(step > 0, step, torch.ones_like(step))
-        xs.sub_(seg_lo[:, None]).div_(step[:, None]).add_(0.5).floor_()
+        xs.sub_(seg_lo[:, None]).div_(step[:, None])
+        if dither is None:
+            xs.add_(0.5).floor_()
+        else:
+            xs.add_(dither[start : start + length * count].view(count, length))
+            xs.floor_().clamp_(max=levels)  # (hi - lo) / s may round to just above L
         nbytes = _bucket_bytes(length, bits)
         if bits == 4:
             # low + 16 * high is exact in floating point (at most 255)

@@ -27,6 +27,7 @@ SETTING_KEYS = (
     "adam_eps_noise",
     "topk_block",
     "density_head",
+    "ef_rounding",
 )
 # For each tag: the column on the x axis of its plot, and whether that axis is logarithmic.
 PLOTS = {

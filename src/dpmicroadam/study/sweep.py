@@ -88,6 +88,7 @@ COLUMNS = [
     "adam_eps_noise",
     "topk_block",
     "density_head",
+    "ef_rounding",
     "settings",  # the run's settings as given (JSON): what "tuned" copies from a tuning run
     "code",  # the code that ran it: git commit (+modified) or package version; "a then b" on resume
 ]

@@ -61,6 +61,8 @@ def build_optimizer(
             window_size=cfg.window_size,
             density=cfg.density,
             ef_bits=cfg.ef_bits,
+            ef_rounding=cfg.ef_rounding,
+            rounding_seed=cfg.seed,
             topk_block_size=None if cfg.topk_block == "whole" else "auto",
             value_dtype=getattr(torch, cfg.microadam_values),
         )

@@ -25,6 +25,7 @@ from dpmicroadam.train.defaults import tuned_defaults
 from dpmicroadam.train.names import (  # noqa: F401 - re-exported: the names of the settings
     ACCOUNTANTS,
     DATASETS,
+    EF_ROUNDINGS,
     ENGINES,
     LR_SCHEDULES,
     MODELS,
@@ -90,6 +91,10 @@ class TrainConfig:
         None, "MicroAdam density for the classification head (a new head is small: 1.0 keeps "
         "it dense for little memory)")  # fmt: skip
     ef_bits: int | str | None = setting(4, "MicroAdam error-feedback bits: 4, 8 or none (exact)")
+    ef_rounding: str = setting(
+        "nearest", "MicroAdam error-feedback rounding: nearest (SPEC) or stochastic (unbiased; "
+        "keeps low-density runs from losing small gradients, docs/results.md)",
+        choices=EF_ROUNDINGS)  # fmt: skip
     topk_block: str = setting(
         "auto", "MicroAdam top-k: auto (blocks of 32768 entries, int16 indices) or whole (the "
         "whole tensor, as the authors' code)", choices=("auto", "whole"))  # fmt: skip

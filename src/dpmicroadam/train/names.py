@@ -1,5 +1,7 @@
 """The names a run's settings choose from (optimizers, datasets, models, ...)."""
 
+from dpmicroadam.optim.microadam import EF_ROUNDINGS  # noqa: F401 - re-exported
+
 PRIVATE_OPTIMIZERS = ("dp-microadam", "dp-sgd", "dp-adam", "dp-adambc")
 PUBLIC_OPTIMIZERS = ("microadam", "adam", "sgd")
 OPTIMIZERS = PRIVATE_OPTIMIZERS + PUBLIC_OPTIMIZERS
