@@ -430,7 +430,7 @@ def steps_density_table(rows: list[dict[str, str]]) -> str:
             tests[(*k, _f(r["target_epsilon"]))][r["seed"]] = _f(r["test_accuracy"])
     c = epoch_cells(rows)
     per_param = {r["optimizer"] + r["density"]: _f(r["optimizer_state_bytes_per_param"])
-                 for r in rows if r["status"] == "ok"}  # fmt: skip
+                 for r in rows if r["status"] == "ok" and r["tag"] in SEEDED}  # fmt: skip
     text = "| epochs (steps) | optimizer | density | lr | ε = 8 | ε = 3 | bytes/param |\n"
     text += "|---|---|---|---|---|---|---|\n"
     for epochs in sorted({e for _, e in best}):
@@ -451,6 +451,63 @@ def steps_density_table(rows: list[dict[str, str]]) -> str:
                 f"| {epochs} ({r['steps']}) | DP-MicroAdam | {100 * d:g} % | {r['lr']} | {accs} | "
                 f"{_f(r['optimizer_state_bytes_per_param']):.2f} |\n"
             )
+    return text
+
+
+def _error_feedback(row: dict[str, str]) -> str:
+    """How a row keeps MicroAdam's error feedback: "4-bit", "4-bit, stochastic", "8-bit", "exact"."""
+    bits = row.get("ef_bits") or "4"
+    if bits == "none":
+        return "exact (fp32)"
+    return f"{bits}-bit" + (", stochastic" if row.get("ef_rounding") == "stochastic" else "")
+
+
+def ef_table(rows: list[dict[str, str]]) -> str:
+    """Head-steps rows of the error-feedback diagnosis (`ef-diag`, `ef8-seeds`) beside DP-Adam and
+    DP-MicroAdam's 4-bit setting at the same length and density (batch 128, each at the lr tuned
+    for the 4-bit variant)."""
+    tests: dict[tuple[int, float, str, float], dict[str, float]] = defaultdict(dict)
+    info: dict[tuple[int, float, str], dict[str, str]] = {}
+    for r in rows:
+        if r["tag"] not in ("ef-diag", "ef8-seeds") or r["status"] != "ok":
+            continue
+        k = (round(_f(r["epochs"])), _f(r["density"]), _error_feedback(r))
+        info[k] = r
+        tests[(*k, _f(r["target_epsilon"]))][r["seed"]] = _f(r["test_accuracy"])
+    if not info:
+        return ""
+    c = epoch_cells(rows)
+    low: dict[tuple[int, float, float], list[float]] = defaultdict(list)  # 4-bit, below 1 %
+    lows = {(round(_f(r["epochs"])), _f(r["density"])): r["lr"] for r in rows
+            if r["tag"] == "density-seeds" and r["status"] == "ok"}  # fmt: skip
+    for r in rows:
+        k = (round(_f(r["epochs"])), _f(r["density"]))
+        if r["tag"] == "density-seeds" and r["status"] == "ok" and lows.get(k) == r["lr"]:
+            low[(*k, _f(r["target_epsilon"]))].append(_f(r["test_accuracy"]))
+    text = "| epochs (steps) | optimizer | density | error feedback | lr | ε = 8 | ε = 3 | bytes/param |\n"
+    text += "|---|---|---|---|---|---|---|---|\n"
+    for epochs in sorted({k[0] for k in info}):
+        if (m := c.get(("dp-adam", epochs, 128, 8.0))) is not None:
+            t3 = c.get(("dp-adam", epochs, 128, 3.0), {}).get("test", [])
+            text += (f"| {epochs} ({m['steps']}) | DP-Adam | dense | – | {m['lr']} | "
+                     f"{_pm(m['test'])} | {_pm(t3)} | 8.00 |\n")  # fmt: skip
+        for density in sorted({k[1] for k in info if k[0] == epochs}, reverse=True):
+            steps = info[next(k for k in info if k[:2] == (epochs, density))]["steps"]
+            if density == 0.01 and (m := c.get(("dp-microadam", epochs, 128, 8.0))):
+                t3 = c.get(("dp-microadam", epochs, 128, 3.0), {}).get("test", [])
+                text += (f"| {epochs} ({steps}) | DP-MicroAdam | 1 % | 4-bit | {m['lr']} | "
+                         f"{_pm(m['test'])} | {_pm(t3)} | 0.91 |\n")  # fmt: skip
+            elif (epochs, density, 8.0) in low:
+                text += (f"| {epochs} ({steps}) | DP-MicroAdam | {100 * density:g} % | 4-bit | "
+                         f"{lows[(epochs, density)]} | {_pm(low[(epochs, density, 8.0)])} | "
+                         f"{_pm(low.get((epochs, density, 3.0), []))} | 0.59 |\n")  # fmt: skip
+            for k in sorted((k for k in info if k[:2] == (epochs, density)), key=lambda k: k[2]):
+                r = info[k]
+                accs = " | ".join(_pm(list(tests[(*k, e)].values())) for e in (8.0, 3.0))
+                text += (
+                    f"| {epochs} ({steps}) | DP-MicroAdam | {100 * density:g} % | {k[2]} | "
+                    f"{r['lr']} | {accs} | {_f(r['optimizer_state_bytes_per_param']):.2f} |\n"
+                )
     return text
 
 
@@ -595,6 +652,12 @@ def main() -> None:
             "\nLonger runs in head mode, density below 1 % (batch 128; each density's lr tuned on "
             "validation among four, ε = 8, seed 0); test accuracy in %, mean ± std (seeds):\n\n"
             + sd
+        )
+    if ef := ef_table(steps_rows):
+        text += (
+            "\nLonger runs in head mode: how the error feedback is kept (batch 128; every variant at "
+            "the lr tuned for 4 bits at its density and length; ε = 8 and 3, test accuracy in %, "
+            "mean ± std (seeds)):\n\n" + ef
         )
     out = path.parent / "finetune-wordnet-summary.md"
     out.write_text(text)
