@@ -22,7 +22,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("impl", ["loop", "fast"])
-@pytest.mark.parametrize("ef_bits", [None, 4, 8])
+@pytest.mark.parametrize("ef_bits", [None, 4, 6, 8])
 @pytest.mark.parametrize(("shape", "block", "bucket"), CASES)
 def test_matches_float64_reference(impl, ef_bits, shape, block, bucket):
     gen = torch.Generator().manual_seed(hash((shape, block)) % 1000)
@@ -127,7 +127,7 @@ def test_non_contiguous_parameter():
     torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("ef_bits", [None, 4, 8])
+@pytest.mark.parametrize("ef_bits", [None, 4, 8])  # 5 and 6 bits are never batched
 def test_batched_small_tensors_match_loop_and_reference(ef_bits, monkeypatch):
     import dpmicroadam.optim.microadam as micro_module
 

@@ -34,7 +34,7 @@ def _make(params, **kw):
     )
 
 
-@pytest.mark.parametrize("ef_bits", [None, 4, 8])
+@pytest.mark.parametrize("ef_bits", [None, 4, 6, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_load_continue_is_bit_identical(ef_bits, dtype):
     gen = torch.Generator().manual_seed(1)

@@ -9,7 +9,7 @@ from dpmicroadam.optim import MicroAdam
 from dpmicroadam.optim.quantize import dequantize, pack_bucket, quantize, unpack_bucket
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize(
     ("numel", "bucket"), [(1, 4), (7, 4), (1000, 64), (1024, 1024), (33, 100), (50, 7)]
 )
@@ -24,7 +24,8 @@ def test_round_trip_error_is_at_most_half_a_step(bits, numel, bucket, dtype):
     packed, lo, hi = quantize(x, bits, bucket)
     assert packed.dtype == torch.uint8
     lengths = [min(bucket, numel - s) for s in range(0, numel, bucket)]
-    assert packed.numel() == sum(-(-n // 2) if bits == 4 else n for n in lengths)
+    per_bucket = {4: lambda n: -(-n // 2), 8: lambda n: n}.get(bits, lambda n: bits * -(-n // 8))
+    assert packed.numel() == sum(per_bucket(n) for n in lengths)
     y = dequantize(packed, lo, hi, bits, bucket, numel)
     assert y.dtype == dtype
     for b, start in enumerate(range(0, numel, bucket)):
@@ -35,7 +36,7 @@ def test_round_trip_error_is_at_most_half_a_step(bits, numel, bucket, dtype):
         assert (xb - yb).abs().max() <= half_step + slack
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_constant_bucket_decodes_exactly(bits):
     x = torch.cat([torch.full((16,), 0.3), torch.full((16,), -7.25), torch.zeros(5)])
     packed, lo, hi = quantize(x, bits, 16)
@@ -64,14 +65,32 @@ def test_nibble_packing_splits_a_bucket_in_halves(length):
     assert torch.equal(unpack_bucket(packed, 4, length), codes)
 
 
-def test_vectorized_packing_matches_bucket_packing():
+@pytest.mark.parametrize("bits", [5, 6])
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 64])
+def test_five_and_six_bit_codes_go_eight_to_bits_bytes(bits, length):
+    codes = torch.randint(
+        0, 2**bits, (length,), dtype=torch.uint8, generator=torch.Generator().manual_seed(length)
+    )
+    packed = pack_bucket(codes, bits)
+    assert packed.numel() == bits * -(-length // 8)
+    # the first group, little-endian: code i sits at bits [bits * i, bits * (i + 1))
+    word = sum(int(b) << (8 * j) for j, b in enumerate(packed[:bits].tolist()))
+    assert [(word >> (bits * i)) & (2**bits - 1) for i in range(min(8, length))] == codes[
+        :8
+    ].tolist()
+    assert torch.equal(unpack_bucket(packed, bits, length), codes)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6])
+def test_vectorized_packing_matches_bucket_packing(bits):
     x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
-    packed, lo, hi = quantize(x, 4, 64)
+    packed, lo, hi = quantize(x, bits, 64)
     expected = []
     for b, start in enumerate(range(0, 1000, 64)):
         part = x[start : start + 64]
-        s = (hi[b] - lo[b]) / 15
-        expected.append(pack_bucket(torch.floor((part - lo[b]) / s + 0.5).to(torch.uint8), 4))
+        s = (hi[b] - lo[b]) / (2**bits - 1)
+        codes = torch.floor((part - lo[b]) / s + 0.5).to(torch.uint8)
+        expected.append(pack_bucket(codes, bits))
     assert torch.equal(packed, torch.cat(expected))
 
 

@@ -90,7 +90,13 @@ def _final_params(out: Path) -> list[torch.Tensor]:
         dict(optimizer="dp-sgd", lr=0.5, momentum=0.9, lr_schedule="cosine", augmult=2),
         dict(optimizer="adam", lr=1e-3),
     ],
-    ids=["dp-microadam", "dp-microadam-stochastic-rounding", "dp-adambc-ema", "dp-sgd-augmult", "adam"],
+    ids=[
+        "dp-microadam",
+        "dp-microadam-stochastic-rounding",
+        "dp-adambc-ema",
+        "dp-sgd-augmult",
+        "adam",
+    ],
 )
 def test_resume_is_bit_identical(tmp_path, extra):
     full = train(run_cfg(tmp_path, "full", checkpoint_every=6, **extra))

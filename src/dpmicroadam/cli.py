@@ -53,7 +53,7 @@ def config_flags(cls: type, exclude: Sequence[str] = ()) -> list[tuple[str, str,
         else:
             kw["type"] = next((t for t in (float, int) if t in accepted), str)
             if str in accepted:
-                kw["type"] = str  # e.g. ef_bits: 4, 8 or none; checked when resolved
+                kw["type"] = str  # e.g. ef_bits: 4, 5, 6, 8 or none; checked when resolved
             # Choices are checked when the config is resolved (one message for flags, TOML and
             # Python); the help lists them.
             kw["metavar"] = meta.get("metavar", f.name.upper())

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .quantize import dequantize, num_buckets, pack_bucket, packed_numel, quantize_, unpack_bucket
+from .quantize import (
+    bucket_bytes,
+    dequantize,
+    num_buckets,
+    pack_bucket,
+    packed_numel,
+    quantize_,
+    unpack_bucket,
+)
 from .topk import INT16_BLOCK, BlockLayout, blockwise_topk, make_layout
 
 AUTO_BLOCK_SIZE = INT16_BLOCK
@@ -291,7 +299,7 @@ def _dequantize_loop(state: dict[str, Tensor], hp: Hyper, d: int, comp: torch.dt
     byte = 0
     for b, start in enumerate(range(0, d, q)):
         length = min(q, d - start)
-        nbytes = -(-length // 2) if hp.ef_bits == 4 else length
+        nbytes = bucket_bytes(length, hp.ef_bits)
         codes = unpack_bucket(state["ef_codes"][byte : byte + nbytes], hp.ef_bits, length)
         byte += nbytes
         lo, hi = state["ef_min"][b], state["ef_max"][b]

@@ -52,8 +52,8 @@ def validate_group(group: dict) -> None:
         raise _bad("window_size", ws, "must be an integer >= 1")
     if not _is_real(group["density"]) or not 0.0 < group["density"] <= 1.0:
         raise _bad("density", group["density"], "must lie in (0, 1]; use 1.0 for dense updates")
-    if group["ef_bits"] not in (None, 4, 8) or isinstance(group["ef_bits"], bool):
-        raise _bad("ef_bits", group["ef_bits"], "must be None (exact fp32), 4 or 8")
+    if group["ef_bits"] not in (None, 4, 5, 6, 8) or isinstance(group["ef_bits"], bool):
+        raise _bad("ef_bits", group["ef_bits"], "must be None (exact fp32), 4, 5, 6 or 8")
     qb = group["quant_bucket_size"]
     if not isinstance(qb, int) or isinstance(qb, bool) or qb < 1:
         raise _bad("quant_bucket_size", qb, "must be an integer >= 1")
@@ -126,7 +126,8 @@ class MicroAdam(ValidatedOptimizer):
         weight_decay: decoupled weight decay :math:`\lambda`.
         window_size: :math:`m`, number of sparse gradients kept.
         density: fraction of entries kept per block, in (0, 1].
-        ef_bits: ``4`` or ``8`` for the quantized error feedback, ``None`` for exact fp32.
+        ef_bits: ``4`` (SPEC), ``5``, ``6`` or ``8`` for the quantized error feedback, ``None``
+            for exact fp32. 5 and 6 bits are stepped one tensor at a time (not batched or packed).
         quant_bucket_size: entries per quantization bucket (each keeps its min and max).
         topk_block_size: ``"auto"`` (blocks of 32768, int16 indices), an integer, or ``None`` for
             top-k over each whole tensor.

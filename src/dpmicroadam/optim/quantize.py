@@ -18,7 +18,10 @@ wide, is rounded back to the same code every step and its gradient is lost. A co
 Packing: 8-bit codes take one byte each. 4-bit codes go two per byte *within a bucket*: a bucket
 of ``n`` entries takes ``h = ceil(n / 2)`` bytes, byte ``j`` holding entry ``j`` in its low nibble
 and entry ``j + h`` (if any) in its high nibble. Splitting buckets in halves rather than
-interleaving keeps every packing operation on contiguous memory.
+interleaving keeps every packing operation on contiguous memory. 5- and 6-bit codes (an
+extension of SPEC: finer error feedback at under 1 byte) go eight to ``bits`` bytes: a bucket of
+``n`` entries is padded with zero codes to a multiple of 8, and each group of eight codes
+``c_0 .. c_7`` is the little-endian integer ``sum c_i << (bits * i)`` written in ``bits`` bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (4, 5, 6, 8)
 
 
 def num_buckets(numel: int, bucket_size: int) -> int:
@@ -34,14 +37,43 @@ def num_buckets(numel: int, bucket_size: int) -> int:
     return -(-numel // bucket_size)
 
 
-def _bucket_bytes(length: int, bits: int) -> int:
-    return -(-length // 2) if bits == 4 else length
+def bucket_bytes(length: int, bits: int) -> int:
+    """Bytes taken by the codes of one bucket of ``length`` entries."""
+    if bits == 4:
+        return -(-length // 2)
+    if bits == 8:
+        return length
+    return bits * -(-length // 8)
+
+
+def _pack_groups(codes: Tensor, bits: int) -> Tensor:
+    """Integer codes ``(..., n)`` -> uint8 ``(..., bits * ceil(n / 8))``, eight codes per group."""
+    n = codes.shape[-1]
+    pad = -n % 8
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    groups = codes.to(torch.int64).view(*codes.shape[:-1], -1, 8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    words = (groups << shifts).sum(-1, keepdim=True)
+    out = (words >> torch.arange(bits, device=codes.device, dtype=torch.int64) * 8) & 0xFF
+    return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+def _unpack_groups(packed: Tensor, bits: int, length: int) -> Tensor:
+    """Inverse of :func:`_pack_groups`: uint8 ``(..., nbytes)`` -> int64 codes ``(..., length)``."""
+    groups = packed.to(torch.int64).view(*packed.shape[:-1], -1, bits)
+    shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    words = (groups << shifts).sum(-1, keepdim=True)
+    codes = (words >> torch.arange(8, device=packed.device, dtype=torch.int64) * bits) & (
+        2**bits - 1
+    )
+    return codes.reshape(*packed.shape[:-1], -1)[..., :length]
 
 
 def packed_numel(numel: int, bits: int, bucket_size: int) -> int:
     """Bytes taken by the codes of ``numel`` entries."""
     n_full, tail = divmod(numel, bucket_size)
-    return n_full * _bucket_bytes(bucket_size, bits) + _bucket_bytes(tail, bits)
+    return n_full * bucket_bytes(bucket_size, bits) + bucket_bytes(tail, bits)
 
 
 def _segments(numel: int, bucket_size: int, bits: int) -> list[tuple[int, int, int, int, int]]:
@@ -52,7 +84,7 @@ def _segments(numel: int, bucket_size: int, bits: int) -> list[tuple[int, int, i
         segs.append((0, bucket_size, n_full, 0, 0))
     if tail:
         segs.append(
-            (n_full * bucket_size, tail, 1, n_full, n_full * _bucket_bytes(bucket_size, bits))
+            (n_full * bucket_size, tail, 1, n_full, n_full * bucket_bytes(bucket_size, bits))
         )
     return segs
 
@@ -61,6 +93,8 @@ def pack_bucket(codes: Tensor, bits: int) -> Tensor:
     """Pack the uint8 codes of one bucket (see the module docstring for the layout)."""
     if bits == 8:
         return codes.clone()
+    if bits != 4:
+        return _pack_groups(codes, bits)
     h = -(-codes.numel() // 2)
     out = codes[:h].clone()
     out[: codes.numel() - h] |= codes[h:] << 4
@@ -71,6 +105,8 @@ def unpack_bucket(packed: Tensor, bits: int, length: int) -> Tensor:
     """Inverse of :func:`pack_bucket`: the ``length`` uint8 codes of one bucket."""
     if bits == 8:
         return packed.clone()
+    if bits != 4:
+        return _unpack_groups(packed, bits, length).to(torch.uint8)
     h = -(-length // 2)
     return torch.cat([packed & 0x0F, packed[: length - h] >> 4])
 
@@ -82,7 +118,7 @@ def quantize_(
 
     Args:
         x: 1-D contiguous floating tensor of finite values; overwritten.
-        bits: 4 or 8.
+        bits: 4, 5, 6 or 8.
         bucket_size: entries per bucket (the last bucket may be shorter).
         dither: ``None`` to round to nearest, or uniform draws in [0, 1), one per entry of ``x``
             (same shape and dtype), for stochastic rounding.
@@ -110,7 +146,10 @@ def quantize_(
         else:
             xs.add_(dither[start : start + length * count].view(count, length))
             xs.floor_().clamp_(max=levels)  # (hi - lo) / s may round to just above L
-        nbytes = _bucket_bytes(length, bits)
+        nbytes = bucket_bytes(length, bits)
+        if bits not in (4, 8):
+            packed[p0 : p0 + count * nbytes].view(count, nbytes).copy_(_pack_groups(xs, bits))
+            continue
         if bits == 4:
             # low + 16 * high is exact in floating point (at most 255)
             xs[:, : length - nbytes].add_(xs[:, nbytes:], alpha=16)
@@ -134,10 +173,12 @@ def dequantize(
     step = (hi - lo) / levels
     for start, length, count, b0, p0 in _segments(numel, bucket_size, bits):
         seg = out[start : start + length * count].view(count, length)
-        nbytes = _bucket_bytes(length, bits)
+        nbytes = bucket_bytes(length, bits)
         codes = packed[p0 : p0 + count * nbytes].view(count, nbytes)
         if bits == 8:
             seg.copy_(codes)
+        elif bits != 4:
+            seg.copy_(_unpack_groups(codes, bits, length))
         else:
             seg[:, :nbytes].copy_(codes & 0x0F)
             seg[:, nbytes:].copy_(codes[:, : length - nbytes] >> 4)

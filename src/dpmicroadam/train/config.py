@@ -90,7 +90,8 @@ class TrainConfig:
     density_head: float | None = setting(
         None, "MicroAdam density for the classification head (a new head is small: 1.0 keeps "
         "it dense for little memory)")  # fmt: skip
-    ef_bits: int | str | None = setting(4, "MicroAdam error-feedback bits: 4, 8 or none (exact)")
+    ef_bits: int | str | None = setting(
+        4, "MicroAdam error-feedback bits: 4, 5, 6, 8 or none (exact)")  # fmt: skip
     ef_rounding: str = setting(
         "nearest", "MicroAdam error-feedback rounding: nearest (SPEC) or stochastic (unbiased; "
         "keeps low-density runs from losing small gradients, docs/results.md)",
@@ -200,8 +201,8 @@ class TrainConfig:
             self.epochs = None
         if isinstance(self.ef_bits, str):
             raw = self.ef_bits.lower()
-            if raw not in ("4", "8", "none", "exact"):
-                raise ValueError(f"--ef-bits must be 4, 8 or none, got {self.ef_bits!r}")
+            if raw not in ("4", "5", "6", "8", "none", "exact"):
+                raise ValueError(f"--ef-bits must be 4, 5, 6, 8 or none, got {self.ef_bits!r}")
             self.ef_bits = None if raw in ("none", "exact") else int(raw)
 
     def validate(self, user_set: set[str] | frozenset[str] = frozenset()) -> None:
