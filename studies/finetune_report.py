@@ -462,53 +462,121 @@ def _error_feedback(row: dict[str, str]) -> str:
     return f"{bits}-bit" + (", stochastic" if row.get("ef_rounding") == "stochastic" else "")
 
 
-def ef_table(rows: list[dict[str, str]]) -> str:
-    """Head-steps rows of the error-feedback diagnosis (`ef-diag`, `ef8-seeds`) beside DP-Adam and
-    DP-MicroAdam's 4-bit setting at the same length and density (batch 128, each at the lr tuned
-    for the 4-bit variant)."""
+def ef_lines(rows: list[dict[str, str]]) -> list[dict]:
+    """Head-steps rows of the error-feedback diagnosis (`ef-diag`, `ef8-seeds`; at the lr tuned for
+    4 bits) and the 6-bit variant (`ef6-*`, its own lr tuning) beside DP-Adam and DP-MicroAdam's
+    4-bit setting at the same length and density (batch 128).
+
+    One dict per table line, by length: epochs, steps, optimizer, density (%), error feedback,
+    lr, test accuracies at ε = 8 and 3 ("t8", "t3"), bytes/param.
+    """
     tests: dict[tuple[int, float, str, float], dict[str, float]] = defaultdict(dict)
     info: dict[tuple[int, float, str], dict[str, str]] = {}
+    tuned_lr: dict[tuple[int, float], dict[str, str]] = {}  # the 6-bit variant's own lr tuning
     for r in rows:
-        if r["tag"] not in ("ef-diag", "ef8-seeds") or r["status"] != "ok":
+        if r["tag"] == "ef6-tune" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
+            k = (round(_f(r["epochs"])), _f(r["density"]))
+            if k not in tuned_lr or _f(r["val_accuracy"]) > _f(tuned_lr[k]["val_accuracy"]):
+                tuned_lr[k] = r
+    for r in rows:
+        six = r["tag"] in ("ef6-tune", "ef6-seeds")
+        k2 = (round(_f(r["epochs"])), _f(r["density"]))
+        if six and (k2 not in tuned_lr or tuned_lr[k2]["lr"] != r["lr"]):
             continue
-        k = (round(_f(r["epochs"])), _f(r["density"]), _error_feedback(r))
+        if (r["tag"] not in ("ef-diag", "ef8-seeds") and not six) or r["status"] != "ok":
+            continue
+        k = (*k2, _error_feedback(r))
         info[k] = r
         tests[(*k, _f(r["target_epsilon"]))][r["seed"]] = _f(r["test_accuracy"])
     if not info:
-        return ""
+        return []
     c = epoch_cells(rows)
     low: dict[tuple[int, float, float], list[float]] = defaultdict(list)  # 4-bit, below 1 %
-    lows = {(round(_f(r["epochs"])), _f(r["density"])): r["lr"] for r in rows
-            if r["tag"] == "density-seeds" and r["status"] == "ok"}  # fmt: skip
-    for r in rows:
+    low_rows = [r for r in rows if r["tag"] == "density-seeds" and r["status"] == "ok"]
+    lows = {(round(_f(r["epochs"])), _f(r["density"])): r["lr"] for r in low_rows}
+    low_bytes = {_f(r["density"]): _f(r["optimizer_state_bytes_per_param"]) for r in low_rows}
+    for r in low_rows:
         k = (round(_f(r["epochs"])), _f(r["density"]))
-        if r["tag"] == "density-seeds" and r["status"] == "ok" and lows.get(k) == r["lr"]:
+        if lows.get(k) == r["lr"]:
             low[(*k, _f(r["target_epsilon"]))].append(_f(r["test_accuracy"]))
-    text = "| epochs (steps) | optimizer | density | error feedback | lr | ε = 8 | ε = 3 | bytes/param |\n"
-    text += "|---|---|---|---|---|---|---|---|\n"
+    lines = []
     for epochs in sorted({k[0] for k in info}):
         if (m := c.get(("dp-adam", epochs, 128, 8.0))) is not None:
             t3 = c.get(("dp-adam", epochs, 128, 3.0), {}).get("test", [])
-            text += (f"| {epochs} ({m['steps']}) | DP-Adam | dense | – | {m['lr']} | "
-                     f"{_pm(m['test'])} | {_pm(t3)} | 8.00 |\n")  # fmt: skip
+            lines.append(dict(epochs=epochs, steps=m["steps"], optimizer="DP-Adam", density=None,
+                              ef="–", lr=m["lr"], t8=m["test"], t3=t3, bpp=8.0))  # fmt: skip
         for density in sorted({k[1] for k in info if k[0] == epochs}, reverse=True):
-            steps = info[next(k for k in info if k[:2] == (epochs, density))]["steps"]
+            steps = int(info[next(k for k in info if k[:2] == (epochs, density))]["steps"])
+            base = dict(epochs=epochs, steps=steps, optimizer="DP-MicroAdam", density=density)
             if density == 0.01 and (m := c.get(("dp-microadam", epochs, 128, 8.0))):
                 t3 = c.get(("dp-microadam", epochs, 128, 3.0), {}).get("test", [])
-                text += (f"| {epochs} ({steps}) | DP-MicroAdam | 1 % | 4-bit | {m['lr']} | "
-                         f"{_pm(m['test'])} | {_pm(t3)} | 0.91 |\n")  # fmt: skip
+                lines.append({**base, "ef": "4-bit", "lr": m["lr"], "t8": m["test"], "t3": t3,
+                              "bpp": 0.91})  # fmt: skip
             elif (epochs, density, 8.0) in low:
-                text += (f"| {epochs} ({steps}) | DP-MicroAdam | {100 * density:g} % | 4-bit | "
-                         f"{lows[(epochs, density)]} | {_pm(low[(epochs, density, 8.0)])} | "
-                         f"{_pm(low.get((epochs, density, 3.0), []))} | 0.59 |\n")  # fmt: skip
+                lines.append({**base, "ef": "4-bit", "lr": lows[(epochs, density)],
+                              "t8": low[(epochs, density, 8.0)],
+                              "t3": low.get((epochs, density, 3.0), []),
+                              "bpp": low_bytes[density]})  # fmt: skip
             for k in sorted((k for k in info if k[:2] == (epochs, density)), key=lambda k: k[2]):
                 r = info[k]
-                accs = " | ".join(_pm(list(tests[(*k, e)].values())) for e in (8.0, 3.0))
-                text += (
-                    f"| {epochs} ({steps}) | DP-MicroAdam | {100 * density:g} % | {k[2]} | "
-                    f"{r['lr']} | {accs} | {_f(r['optimizer_state_bytes_per_param']):.2f} |\n"
-                )
+                lines.append({**base, "ef": k[2], "lr": r["lr"],
+                              "t8": list(tests[(*k, 8.0)].values()),
+                              "t3": list(tests[(*k, 3.0)].values()),
+                              "bpp": _f(r["optimizer_state_bytes_per_param"])})  # fmt: skip
+    return lines
+
+
+def ef_table(rows: list[dict[str, str]]) -> str:
+    """:func:`ef_lines` as a markdown table."""
+    lines = ef_lines(rows)
+    if not lines:
+        return ""
+    text = "| epochs (steps) | optimizer | density | error feedback | lr | ε = 8 | ε = 3 | bytes/param |\n"
+    text += "|---|---|---|---|---|---|---|---|\n"
+    for x in lines:
+        dens = "dense" if x["density"] is None else f"{100 * x['density']:g} %"
+        text += (
+            f"| {x['epochs']} ({x['steps']}) | {x['optimizer']} | {dens} | {x['ef']} | {x['lr']} | "
+            f"{_pm(x['t8'])} | {_pm(x['t3'])} | {x['bpp']:.2f} |\n"
+        )
     return text
+
+
+def ef_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
+    """Test accuracy against run length per error-feedback variant (seeded ones only), ε = 8, 3."""
+    lines = [x for x in ef_lines(rows) if len(x["t8"]) >= 2]
+    if not lines:
+        return None
+    plt, NullFormatter = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.2), dpi=120, sharey=True)
+    series: dict[str, list[dict]] = defaultdict(list)
+    for x in lines:
+        dens = "" if x["density"] is None else f" {100 * x['density']:g} %"
+        label = x["optimizer"] + dens + ("" if x["ef"] == "–" else f", {x['ef']} EF")
+        series[f"{label} ({x['bpp']:.2f} B/param)"].append(x)
+    for ax, key, eps in zip(axes, ("t8", "t3"), (8, 3), strict=True):
+        for label, pts in series.items():
+            pts = [p for p in pts if p[key]]
+            if len(pts) < 2:
+                continue
+            style = "-o" if "DP-Adam" in label else ("--s" if "4-bit" in label else "-^")
+            ax.errorbar([p["steps"] for p in pts],
+                        [100 * sum(p[key]) / len(p[key]) for p in pts],
+                        yerr=[100 * statistics.stdev(p[key]) for p in pts], fmt=style, ms=4, capsize=2,
+                        label=label)  # fmt: skip
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("steps (batch 128)")
+        ax.set_title(f"head mode, ε = {eps}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=6.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    path = out / "finetune-head-steps-ef.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def epochs_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
@@ -656,8 +724,9 @@ def main() -> None:
     if ef := ef_table(steps_rows):
         text += (
             "\nLonger runs in head mode: how the error feedback is kept (batch 128; every variant at "
-            "the lr tuned for 4 bits at its density and length; ε = 8 and 3, test accuracy in %, "
-            "mean ± std (seeds)):\n\n" + ef
+            "the lr tuned for 4 bits at its density and length, except 6 bits, tuned on its own "
+            "with the same four-lr budget; ε = 8 and 3, test accuracy in %, mean ± std (seeds)):"
+            "\n\n" + ef
         )
     out = path.parent / "finetune-wordnet-summary.md"
     out.write_text(text)
@@ -666,6 +735,7 @@ def main() -> None:
         *plots(rows, path.parent),
         density_plot(rows, path.parent),
         epochs_plot(steps_rows, path.parent),
+        ef_plot(steps_rows, path.parent),
     ]:
         if p is not None:
             print("wrote", p)
