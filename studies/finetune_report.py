@@ -472,20 +472,19 @@ def ef_lines(rows: list[dict[str, str]]) -> list[dict]:
     """
     tests: dict[tuple[int, float, str, float], dict[str, float]] = defaultdict(dict)
     info: dict[tuple[int, float, str], dict[str, str]] = {}
-    tuned_lr: dict[tuple[int, float], dict[str, str]] = {}  # the 6-bit variant's own lr tuning
+    tuned_lr: dict[tuple[int, float, str], dict[str, str]] = {}  # 5/6 bits: their own lr tuning
     for r in rows:
         if r["tag"] == "ef6-tune" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
-            k = (round(_f(r["epochs"])), _f(r["density"]))
+            k = (round(_f(r["epochs"])), _f(r["density"]), _error_feedback(r))
             if k not in tuned_lr or _f(r["val_accuracy"]) > _f(tuned_lr[k]["val_accuracy"]):
                 tuned_lr[k] = r
     for r in rows:
-        six = r["tag"] in ("ef6-tune", "ef6-seeds")
-        k2 = (round(_f(r["epochs"])), _f(r["density"]))
-        if six and (k2 not in tuned_lr or tuned_lr[k2]["lr"] != r["lr"]):
+        six = r["tag"] in ("ef6-tune", "ef6-seeds")  # 6 and 5 bits, each tuned on its own
+        k = (round(_f(r["epochs"])), _f(r["density"]), _error_feedback(r))
+        if six and (k not in tuned_lr or tuned_lr[k]["lr"] != r["lr"]):
             continue
         if (r["tag"] not in ("ef-diag", "ef8-seeds") and not six) or r["status"] != "ok":
             continue
-        k = (*k2, _error_feedback(r))
         info[k] = r
         tests[(*k, _f(r["target_epsilon"]))][r["seed"]] = _f(r["test_accuracy"])
     if not info:
