@@ -462,33 +462,43 @@ def _error_feedback(row: dict[str, str]) -> str:
     return f"{bits}-bit" + (", stochastic" if row.get("ef_rounding") == "stochastic" else "")
 
 
+def _ef_key(row: dict[str, str]) -> tuple[int, float, str]:
+    """(epochs, density, error feedback) of a DP-MicroAdam row; DP-Adam's: (epochs, 0.0, "–")."""
+    if row["optimizer"] != "dp-microadam":
+        return (round(_f(row["epochs"])), 0.0, "–")
+    return (round(_f(row["epochs"])), _f(row["density"]), _error_feedback(row))
+
+
 def ef_lines(rows: list[dict[str, str]]) -> list[dict]:
     """Head-steps rows of the error-feedback diagnosis (`ef-diag`, `ef8-seeds`; at the lr tuned for
-    4 bits) and the 6-bit variant (`ef6-*`, its own lr tuning) beside DP-Adam and DP-MicroAdam's
-    4-bit setting at the same length and density (batch 128).
+    4 bits), the 5/6-bit variants (`ef6-*`) and the 300-epoch runs (`long-*`; each with its own lr
+    tuning) beside DP-Adam and DP-MicroAdam's 4-bit setting at the same length and density
+    (batch 128).
 
     One dict per table line, by length: epochs, steps, optimizer, density (%), error feedback,
     lr, test accuracies at ε = 8 and 3 ("t8", "t3"), bytes/param.
     """
     tests: dict[tuple[int, float, str, float], dict[str, float]] = defaultdict(dict)
     info: dict[tuple[int, float, str], dict[str, str]] = {}
-    tuned_lr: dict[tuple[int, float, str], dict[str, str]] = {}  # 5/6 bits: their own lr tuning
+    own = {"ef6-tune": "ef6-seeds", "long-tune": "long-seeds"}  # tuned on their own (5/6 bits,
+    tuned_lr: dict[tuple[int, float, str], dict[str, str]] = {}  # and 300 epochs)
     for r in rows:
-        if r["tag"] == "ef6-tune" and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
-            k = (round(_f(r["epochs"])), _f(r["density"]), _error_feedback(r))
+        if r["tag"] in own and r["status"] == "ok" and _f(r["val_accuracy"]) is not None:
+            k = _ef_key(r)
             if k not in tuned_lr or _f(r["val_accuracy"]) > _f(tuned_lr[k]["val_accuracy"]):
                 tuned_lr[k] = r
     for r in rows:
-        six = r["tag"] in ("ef6-tune", "ef6-seeds")  # 6 and 5 bits, each tuned on its own
-        k = (round(_f(r["epochs"])), _f(r["density"]), _error_feedback(r))
-        if six and (k not in tuned_lr or tuned_lr[k]["lr"] != r["lr"]):
+        mine = r["tag"] in own or r["tag"] in own.values()
+        k = _ef_key(r)
+        if mine and (k not in tuned_lr or tuned_lr[k]["lr"] != r["lr"]):
             continue
-        if (r["tag"] not in ("ef-diag", "ef8-seeds") and not six) or r["status"] != "ok":
+        if (r["tag"] not in ("ef-diag", "ef8-seeds") and not mine) or r["status"] != "ok":
             continue
         info[k] = r
         tests[(*k, _f(r["target_epsilon"]))][r["seed"]] = _f(r["test_accuracy"])
     if not info:
         return []
+    adam_own = {k[0]: k for k in info if k[2] == "–"}  # DP-Adam's own rows (300 epochs)
     c = epoch_cells(rows)
     low: dict[tuple[int, float, float], list[float]] = defaultdict(list)  # 4-bit, below 1 %
     low_rows = [r for r in rows if r["tag"] == "density-seeds" and r["status"] == "ok"]
@@ -504,7 +514,12 @@ def ef_lines(rows: list[dict[str, str]]) -> list[dict]:
             t3 = c.get(("dp-adam", epochs, 128, 3.0), {}).get("test", [])
             lines.append(dict(epochs=epochs, steps=m["steps"], optimizer="DP-Adam", density=None,
                               ef="–", lr=m["lr"], t8=m["test"], t3=t3, bpp=8.0))  # fmt: skip
-        for density in sorted({k[1] for k in info if k[0] == epochs}, reverse=True):
+        elif (k := adam_own.get(epochs)) is not None:
+            lines.append(dict(epochs=epochs, steps=int(info[k]["steps"]), optimizer="DP-Adam",
+                              density=None, ef="–", lr=info[k]["lr"],
+                              t8=list(tests[(*k, 8.0)].values()),
+                              t3=list(tests[(*k, 3.0)].values()), bpp=8.0))  # fmt: skip
+        for density in sorted({k[1] for k in info if k[0] == epochs and k[2] != "–"}, reverse=True):
             steps = int(info[next(k for k in info if k[:2] == (epochs, density))]["steps"])
             base = dict(epochs=epochs, steps=steps, optimizer="DP-MicroAdam", density=density)
             if density == 0.01 and (m := c.get(("dp-microadam", epochs, 128, 8.0))):
