@@ -87,10 +87,9 @@ def make_plan(
 
 
 def batchable(p: Tensor, hp: Hyper) -> bool:
-    """True if ``p`` fits one top-k block and one quantization bucket (4-, 8-bit or exact)."""
+    """True if ``p`` fits one top-k block and one quantization bucket."""
     block = p.numel() if hp.topk_block_size is None else hp.topk_block_size
-    fits = p.is_contiguous() and p.numel() <= min(block, hp.quant_bucket_size)
-    return fits and hp.ef_bits in (None, 4, 8)  # 5 and 6 bits: one tensor at a time
+    return p.is_contiguous() and p.numel() <= min(block, hp.quant_bucket_size)
 
 
 def batched_step(

@@ -12,6 +12,7 @@ from torch import Tensor
 from .batched import batchable, batched_step
 from .kernels import Hyper, check_state, compute_dtype, fast_step, init_state, loop_step
 from .packed import MIN_PACK, pack_members, packable, packed_step
+from .quantize import GROUPED_BITS, SUPPORTED_BITS
 from .validated import ValidatedOptimizer
 
 STATE_FORMAT_VERSION = 1
@@ -52,8 +53,10 @@ def validate_group(group: dict) -> None:
         raise _bad("window_size", ws, "must be an integer >= 1")
     if not _is_real(group["density"]) or not 0.0 < group["density"] <= 1.0:
         raise _bad("density", group["density"], "must lie in (0, 1]; use 1.0 for dense updates")
-    if group["ef_bits"] not in (None, 4, 5, 6, 8) or isinstance(group["ef_bits"], bool):
-        raise _bad("ef_bits", group["ef_bits"], "must be None (exact fp32), 4, 5, 6 or 8")
+    if group["ef_bits"] not in (None, *SUPPORTED_BITS) or isinstance(group["ef_bits"], bool):
+        raise _bad(
+            "ef_bits", group["ef_bits"], f"must be None (exact fp32) or one of {SUPPORTED_BITS}"
+        )
     qb = group["quant_bucket_size"]
     if not isinstance(qb, int) or isinstance(qb, bool) or qb < 1:
         raise _bad("quant_bucket_size", qb, "must be an integer >= 1")
@@ -74,8 +77,8 @@ def validate_group(group: dict) -> None:
         raise _bad(
             "ef_rounding",
             rounding,
-            "needs a quantized error feedback (ef_bits=4 or 8); exact error feedback is not "
-            "rounded, use ef_rounding='nearest'",
+            "needs a quantized error feedback (ef_bits=4 or 8, or the 5- and 6-bit extensions); "
+            "exact error feedback is not rounded, use ef_rounding='nearest'",
         )
     if group["implementation"] not in _IMPLEMENTATIONS:
         raise _bad(
@@ -217,7 +220,9 @@ class MicroAdam(ValidatedOptimizer):
                     check_state(state, p, hp, layout, name)
                 key = (p.device, p.dtype, int(state["step"]) if state else 0)
                 fast = group["implementation"] != "loop" and p.grad.is_contiguous()
-                fast = fast and hp.ef_rounding == "nearest"  # dither is drawn per tensor
+                # one tensor at a time: the dither is drawn per tensor, and 5/6-bit codes are
+                # packed by quantize_ only (not by the batched or packed steps)
+                fast = fast and hp.ef_rounding == "nearest" and hp.ef_bits not in GROUPED_BITS
                 if fast and batchable(p, hp):
                     small.setdefault(key, []).append((name, p))
                 elif fast and packable(p, hp):

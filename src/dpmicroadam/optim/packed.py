@@ -91,7 +91,7 @@ class Pack:
 def packable(p: Tensor, hp: Hyper) -> bool:
     """True if ``p`` may join a pack: blocked top-k and, when quantized, whole buckets."""
     block = hp.topk_block_size
-    if block is None or not p.is_contiguous() or hp.ef_bits not in (None, 4, 8):
+    if block is None or not p.is_contiguous():
         return False
     if hp.ef_bits is None:
         return True

@@ -10,10 +10,11 @@ be shorter). Each bucket keeps its ``lo = min`` and ``hi = max``; with ``L = 2**
 
 so that ``|x - x_hat| <= s / 2``. With stochastic rounding (``dither``: one uniform draw
 ``u`` in [0, 1) per entry) the code is ``min(floor((x - lo) / s + u), L)`` instead: unbiased,
-``E[x_hat] = x``, with ``|x - x_hat| < s``. Rounding to nearest has a dead zone: an error-feedback
-entry that grows by less than ``s / 2`` per step, while one large entry of its bucket keeps ``s``
-wide, is rounded back to the same code every step and its gradient is lost. A constant bucket (``hi == lo``) gets code 0 and decodes to
-``lo`` exactly; nothing is ever divided by zero.
+``E[x_hat] = x``, with ``|x - x_hat| < s``. Rounding to nearest has a dead zone: an
+error-feedback entry that grows by less than ``s / 2`` per step, while one large entry of its
+bucket keeps ``s`` wide, is rounded back to the same code every step and its gradient is lost.
+A constant bucket (``hi == lo``) gets code 0 and decodes to ``lo`` exactly; nothing is ever
+divided by zero.
 
 Packing: 8-bit codes take one byte each. 4-bit codes go two per byte *within a bucket*: a bucket
 of ``n`` entries takes ``h = ceil(n / 2)`` bytes, byte ``j`` holding entry ``j`` in its low nibble
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 SUPPORTED_BITS = (4, 5, 6, 8)
+GROUPED_BITS = (5, 6)  # packed eight codes to ``bits`` bytes (an extension of SPEC)
 
 
 def num_buckets(numel: int, bucket_size: int) -> int:
@@ -93,7 +95,7 @@ def pack_bucket(codes: Tensor, bits: int) -> Tensor:
     """Pack the uint8 codes of one bucket (see the module docstring for the layout)."""
     if bits == 8:
         return codes.clone()
-    if bits != 4:
+    if bits in GROUPED_BITS:
         return _pack_groups(codes, bits)
     h = -(-codes.numel() // 2)
     out = codes[:h].clone()
@@ -105,7 +107,7 @@ def unpack_bucket(packed: Tensor, bits: int, length: int) -> Tensor:
     """Inverse of :func:`pack_bucket`: the ``length`` uint8 codes of one bucket."""
     if bits == 8:
         return packed.clone()
-    if bits != 4:
+    if bits in GROUPED_BITS:
         return _unpack_groups(packed, bits, length).to(torch.uint8)
     h = -(-length // 2)
     return torch.cat([packed & 0x0F, packed[: length - h] >> 4])
@@ -147,7 +149,7 @@ def quantize_(
             xs.add_(dither[start : start + length * count].view(count, length))
             xs.floor_().clamp_(max=levels)  # (hi - lo) / s may round to just above L
         nbytes = bucket_bytes(length, bits)
-        if bits not in (4, 8):
+        if bits in GROUPED_BITS:
             packed[p0 : p0 + count * nbytes].view(count, nbytes).copy_(_pack_groups(xs, bits))
             continue
         if bits == 4:
@@ -177,7 +179,7 @@ def dequantize(
         codes = packed[p0 : p0 + count * nbytes].view(count, nbytes)
         if bits == 8:
             seg.copy_(codes)
-        elif bits != 4:
+        elif bits in GROUPED_BITS:
             seg.copy_(_unpack_groups(codes, bits, length))
         else:
             seg[:, :nbytes].copy_(codes & 0x0F)

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dpmicroadam.optim.quantize import SUPPORTED_BITS
 from dpmicroadam.train.checks import (
     check_types,
     validate_given,
@@ -201,8 +202,11 @@ class TrainConfig:
             self.epochs = None
         if isinstance(self.ef_bits, str):
             raw = self.ef_bits.lower()
-            if raw not in ("4", "5", "6", "8", "none", "exact"):
-                raise ValueError(f"--ef-bits must be 4, 5, 6, 8 or none, got {self.ef_bits!r}")
+            widths = [str(b) for b in SUPPORTED_BITS]
+            if raw not in (*widths, "none", "exact"):
+                raise ValueError(
+                    f"--ef-bits must be {', '.join(widths)} or none, got {self.ef_bits!r}"
+                )
             self.ef_bits = None if raw in ("none", "exact") else int(raw)
 
     def validate(self, user_set: set[str] | frozenset[str] = frozenset()) -> None:
