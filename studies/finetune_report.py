@@ -556,6 +556,79 @@ def ef_table(rows: list[dict[str, str]]) -> str:
     return text
 
 
+def _own_tuning(rows, tune_tag, seeds_tag, pred):
+    """The best `tune_tag` row on validation among the rows `pred` accepts, and the test
+    accuracies of its lr in `tune_tag` and `seeds_tag` rows: (best row, {ε: {seed: test}})."""
+    ok = [r for r in rows if r["status"] == "ok" and pred(r) and _f(r["val_accuracy"]) is not None]
+    tuning = [r for r in ok if r["tag"] == tune_tag]
+    if not tuning:
+        return None, {}
+    best = max(tuning, key=lambda r: _f(r["val_accuracy"]))
+    tests: dict[float, dict[str, float]] = defaultdict(dict)
+    for r in ok:
+        if r["tag"] in (tune_tag, seeds_tag) and r["lr"] == best["lr"]:
+            tests[_f(r["target_epsilon"])][r["seed"]] = _f(r["test_accuracy"])
+    return best, tests
+
+
+def eps_choice_lines(rows: list[dict[str, str]], epochs: int = 100) -> list[dict]:
+    """Head-steps rows at `epochs` (batch 128): each optimizer with Adam's default eps and with
+    eps = 3·σC/B (`eps6-*` tags), each eps with its own four-lr tuning; DP-MicroAdam at 0.5 % with
+    6-bit error feedback. `kept` marks each optimizer's best of its eight settings on validation.
+
+    One dict per line: optimizer, eps, lr, val (the tuned row's), t8, t3 (test accuracies), bpp.
+    """
+
+    def at(r, opt):
+        return (r["optimizer"] == opt and round(_f(r["epochs"]) or 0) == epochs
+                and r["batch_size"] == "128")  # fmt: skip
+
+    def adam(noise):
+        return lambda r: at(r, "dp-adam") and bool(r.get("adam_eps_noise")) == noise
+
+    def micro(noise):
+        return lambda r: (at(r, "dp-microadam") and r["ef_bits"] == "6" and r["density"] == "0.005"
+                          and bool(r.get("adam_eps_noise")) == noise)  # fmt: skip
+
+    candidates = [
+        ("DP-Adam", "1e-8", ("tune", "seeds"), adam(False)),
+        ("DP-Adam", "3·σC/B", ("eps6-tune", "eps6-seeds"), adam(True)),
+        ("DP-MicroAdam, 0.5 %, 6-bit EF", "1e-8", ("ef6-tune", "ef6-seeds"), micro(False)),
+        ("DP-MicroAdam, 0.5 %, 6-bit EF", "3·σC/B", ("eps6-tune", "eps6-seeds"), micro(True)),
+    ]
+    lines = []
+    for name, eps, (tune_tag, seeds_tag), pred in candidates:
+        best, tests = _own_tuning(rows, tune_tag, seeds_tag, pred)
+        if best is None:
+            continue
+        bpp = 8.0 if name == "DP-Adam" else _f(best["optimizer_state_bytes_per_param"])
+        lines.append(dict(optimizer=name, eps=eps, lr=best["lr"], val=_f(best["val_accuracy"]),
+                          t8=list(tests.get(8.0, {}).values()),
+                          t3=list(tests.get(3.0, {}).values()), bpp=bpp))  # fmt: skip
+    if not any(x["eps"] != "1e-8" for x in lines):
+        return []
+    for name in {x["optimizer"] for x in lines}:
+        mine = [x for x in lines if x["optimizer"] == name]
+        max(mine, key=lambda x: x["val"])["kept"] = True
+    return lines
+
+
+def eps_choice_table(rows: list[dict[str, str]]) -> str:
+    """:func:`eps_choice_lines` as a markdown table."""
+    lines = eps_choice_lines(rows)
+    if not lines:
+        return ""
+    text = "| optimizer | Adam's eps | lr | validation (seed 0, ε = 8) | ε = 8 | ε = 3 | bytes/param |\n"
+    text += "|---|---|---|---|---|---|---|\n"
+    for x in lines:
+        mark = " **(kept)**" if x.get("kept") else ""
+        text += (
+            f"| {x['optimizer']}{mark} | {x['eps']} | {x['lr']} | {100 * x['val']:.2f} | "
+            f"{_pm(x['t8'])} | {_pm(x['t3'])} | {x['bpp']:.2f} |\n"
+        )
+    return text
+
+
 def ef_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
     """Test accuracy against run length per error-feedback variant (seeded ones only), ε = 8, 3."""
     lines = [x for x in ef_lines(rows) if len(x["t8"]) >= 2]
@@ -741,6 +814,13 @@ def main() -> None:
             "the lr tuned for 4 bits at its density and length, except 6 bits, tuned on its own "
             "with the same four-lr budget; ε = 8 and 3, test accuracy in %, mean ± std (seeds)):"
             "\n\n" + ef
+        )
+    if ec := eps_choice_table(steps_rows):
+        text += (
+            "\nHead mode at 100 epochs, Adam's eps for both optimizers (batch 128): each eps with "
+            "its own four-lr tuning on validation (ε = 8, seed 0), so each optimizer has eight "
+            "settings and keeps the best on validation (marked); test accuracy in %, mean ± std "
+            "(seeds):\n\n" + ec
         )
     out = path.parent / "finetune-wordnet-summary.md"
     out.write_text(text)
