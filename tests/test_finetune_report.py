@@ -72,3 +72,39 @@ def test_eps_choice_is_empty_without_noise_eps_rows(report):
     rows = [_row("tune", "dp-adam", 0.01, 0.60, 0.61)]
     assert report.eps_choice_lines(rows) == []
     assert report.eps_choice_table(rows) == ""
+
+
+def _mode_row(tag, mode, lr, val, test, density="0.01", head=""):
+    return {
+        "tag": tag,
+        "status": "ok",
+        "trainable": mode,
+        "optimizer": "dp-microadam",
+        "adam_eps_noise": "",
+        "density_head": head,
+        "lr": str(lr),
+        "density": density,
+        "val_accuracy": str(val),
+        "test_accuracy": str(test),
+        "optimizer_state_bytes": "1000",
+        "optimizer_state_bytes_per_param": "0.9",
+    }
+
+
+def test_mode_density_scan_sits_beside_the_validation_tuned_one_percent_row(report):
+    rows = [
+        _mode_row("tune", "bias", 0.01, 0.40, 0.41),
+        _mode_row("tune", "bias", 0.03, 0.30, 0.90),  # higher test, lower validation: not chosen
+        _mode_row("tune", "bias", 0.1, 0.45, 0.44, head="1.0"),  # the dense-head variant
+        _mode_row("density", "bias", 0.01, 0.35, 0.36, density="0.002"),
+        _mode_row("density", "bias", 0.01, 0.42, 0.43, density="0.05"),
+        _mode_row("density", "lora", 0.01, 0.5, 0.5, density="0.05"),  # lora has no tune row
+    ]
+    lines = report.mode_density_lines(rows)
+    assert [(x["mode"], x["density"], x["lr"], x["test"]) for x in lines] == [
+        ("bias", 0.05, "0.01", 0.43),
+        ("bias", 0.01, "0.01", 0.41),
+        ("bias", 0.002, "0.01", 0.36),
+    ]
+    assert "| bias | 0.2 % |" in report.mode_density_table(rows)
+    assert report.mode_density_table(rows[:3]) == ""
