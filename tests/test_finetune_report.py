@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,8 @@ def test_eps_choice_is_empty_without_noise_eps_rows(report):
     assert report.eps_choice_table(rows) == ""
 
 
-def _mode_row(tag, mode, lr, val, test, density="0.01", head=""):
+def _mode_row(tag, mode, lr, val, test, density="0.01", head="", eps=8.0, seed=0):
+    settings = {"trainable": mode, "lr": lr, "density": float(density), "seed": seed}
     return {
         "tag": tag,
         "status": "ok",
@@ -84,10 +86,16 @@ def _mode_row(tag, mode, lr, val, test, density="0.01", head=""):
         "density_head": head,
         "lr": str(lr),
         "density": density,
+        "target_epsilon": str(eps),
+        "seed": str(seed),
+        "settings": json.dumps({**settings, "density_head": head} if head else settings),
         "val_accuracy": str(val),
         "test_accuracy": str(test),
         "optimizer_state_bytes": "1000",
         "optimizer_state_bytes_per_param": "0.9",
+        "trainable_parameters": "1111",
+        "peak_memory_mb": "1",
+        "seconds_per_step": "1",
     }
 
 
@@ -96,15 +104,19 @@ def test_mode_density_scan_sits_beside_the_validation_tuned_one_percent_row(repo
         _mode_row("tune", "bias", 0.01, 0.40, 0.41),
         _mode_row("tune", "bias", 0.03, 0.30, 0.90),  # higher test, lower validation: not chosen
         _mode_row("tune", "bias", 0.1, 0.45, 0.44, head="1.0"),  # the dense-head variant
+        _mode_row("seeds", "bias", 0.01, 0.0, 0.39, eps=3.0),
         _mode_row("density", "bias", 0.01, 0.35, 0.36, density="0.002"),
         _mode_row("density", "bias", 0.01, 0.42, 0.43, density="0.05"),
+        _mode_row("density-seeds", "bias", 0.01, 0.0, 0.45, density="0.05", seed=1),
+        _mode_row("density-seeds", "bias", 0.01, 0.0, 0.33, density="0.05", eps=3.0),
         _mode_row("density", "lora", 0.01, 0.5, 0.5, density="0.05"),  # lora has no tune row
     ]
     lines = report.mode_density_lines(rows)
-    assert [(x["mode"], x["density"], x["lr"], x["test"]) for x in lines] == [
-        ("bias", 0.05, "0.01", 0.43),
-        ("bias", 0.01, "0.01", 0.41),
-        ("bias", 0.002, "0.01", 0.36),
+    got = [(x["mode"], x["density"], x["lr"], sorted(x["t8"]), x["t3"]) for x in lines]
+    assert got == [
+        ("bias", 0.05, "0.01", [0.43, 0.45], [0.33]),
+        ("bias", 0.01, "0.01", [0.41], [0.39]),
+        ("bias", 0.002, "0.01", [0.36], []),
     ]
     assert "| bias | 0.2 % |" in report.mode_density_table(rows)
     assert report.mode_density_table(rows[:3]) == ""
