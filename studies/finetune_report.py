@@ -115,6 +115,13 @@ def _pm(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f} ({len(values)})"
 
 
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    """A markdown table: the header, its separator and one line per row of cells."""
+    rule = "|" + "---|" * len(header) + "\n"
+    lines = ["| " + " | ".join(cells) + " |\n" for cells in (header, *body)]
+    return lines[0] + rule + "".join(lines[1:])
+
+
 def _mb(b: float | None) -> str:
     if b is None:
         return "–"
@@ -337,14 +344,13 @@ def mode_density_table(rows: list[dict[str, str]]) -> str:
     lines = mode_density_lines(rows)
     if not lines:
         return ""
-    text = "| mode | density | lr | validation (seed 0, ε = 8) | ε = 8 | ε = 3 | optimizer state | bytes/param |\n"
-    text += "|---|---|---|---|---|---|---|---|\n"
-    for x in lines:
-        text += (
-            f"| {x['mode']} | {100 * x['density']:g} % | {x['lr']} | {100 * x['val']:.1f} | "
-            f"{_pm(x['t8'])} | {_pm(x['t3'])} | {_mb(x['state_bytes'])} | {x['per_param']:.2f} |\n"
-        )
-    return text
+    header = ["mode", "density", "lr", "validation (seed 0, ε = 8)", "ε = 8", "ε = 3",
+              "optimizer state", "bytes/param"]  # fmt: skip
+    return _markdown(header, [
+        [x["mode"], f"{100 * x['density']:g} %", x["lr"], f"{100 * x['val']:.1f}", _pm(x["t8"]),
+         _pm(x["t3"]), _mb(x["state_bytes"]), f"{x['per_param']:.2f}"]
+        for x in lines
+    ])  # fmt: skip
 
 
 def density_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
@@ -593,15 +599,14 @@ def ef_table(rows: list[dict[str, str]]) -> str:
     lines = ef_lines(rows)
     if not lines:
         return ""
-    text = "| epochs (steps) | optimizer | density | error feedback | lr | ε = 8 | ε = 3 | bytes/param |\n"
-    text += "|---|---|---|---|---|---|---|---|\n"
-    for x in lines:
-        dens = "dense" if x["density"] is None else f"{100 * x['density']:g} %"
-        text += (
-            f"| {x['epochs']} ({x['steps']}) | {x['optimizer']} | {dens} | {x['ef']} | {x['lr']} | "
-            f"{_pm(x['t8'])} | {_pm(x['t3'])} | {x['bpp']:.2f} |\n"
-        )
-    return text
+    header = ["epochs (steps)", "optimizer", "density", "error feedback", "lr", "ε = 8", "ε = 3",
+              "bytes/param"]  # fmt: skip
+    return _markdown(header, [
+        [f"{x['epochs']} ({x['steps']})", x["optimizer"],
+         "dense" if x["density"] is None else f"{100 * x['density']:g} %", x["ef"], x["lr"],
+         _pm(x["t8"]), _pm(x["t3"]), f"{x['bpp']:.2f}"]
+        for x in lines
+    ])  # fmt: skip
 
 
 def _own_tuning(rows, tune_tag, seeds_tag, pred):
@@ -666,15 +671,13 @@ def eps_choice_table(rows: list[dict[str, str]]) -> str:
     lines = eps_choice_lines(rows)
     if not lines:
         return ""
-    text = "| optimizer | Adam's eps | lr | validation (seed 0, ε = 8) | ε = 8 | ε = 3 | bytes/param |\n"
-    text += "|---|---|---|---|---|---|---|\n"
-    for x in lines:
-        mark = " **(kept)**" if x.get("kept") else ""
-        text += (
-            f"| {x['optimizer']}{mark} | {x['eps']} | {x['lr']} | {100 * x['val']:.2f} | "
-            f"{_pm(x['t8'])} | {_pm(x['t3'])} | {x['bpp']:.2f} |\n"
-        )
-    return text
+    header = ["optimizer", "Adam's eps", "lr", "validation (seed 0, ε = 8)", "ε = 8", "ε = 3",
+              "bytes/param"]  # fmt: skip
+    return _markdown(header, [
+        [x["optimizer"] + (" **(kept)**" if x.get("kept") else ""), x["eps"], x["lr"],
+         f"{100 * x['val']:.2f}", _pm(x["t8"]), _pm(x["t3"]), f"{x['bpp']:.2f}"]
+        for x in lines
+    ])  # fmt: skip
 
 
 def ef_plot(rows: list[dict[str, str]], out: Path) -> Path | None:
