@@ -146,6 +146,9 @@ def test_trainable_modes_pick_the_right_parameters():
     assert trainable_count(model) == (total, total)
     lora = select_trainable(model, "lora", lora_r=4)
     assert lora is model
+    # The head is the classifier alone, not the adapters (which live under peft's wrapper)
+    head = head_parameter_names(model)
+    assert head and all(".classifier." in n for n in head), head
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or "classifier" in n for n in names)
     assert any("query.lora_A" in n for n in names) and any("classifier" in n for n in names)

@@ -62,10 +62,13 @@ def head_parameter_names(model: nn.Module, head: Sequence[str] | None = None) ->
         return [n for n in names if any(n.startswith(h + ".") for h in head)]
     inner = _inner(model)
     prefix = getattr(inner, "base_model_prefix", None)
-    if prefix and isinstance(getattr(inner, prefix, None), nn.Module):
-        outer = "hf." if inner is not model else ""
-        base = f"{outer}{prefix}."
-        found = [n for n in names if not n.startswith(base)]
+    backbone = getattr(inner, prefix, None) if prefix else None
+    if isinstance(backbone, nn.Module):
+        # The backbone's path by identity, not by name: peft's LoRA wrapper forwards
+        # ``inner.bert`` to ``base_model.model.bert``, so "hf.bert." would match no name and
+        # every parameter, the adapters included, would pass for the head.
+        where = next((n for n, m in model.named_modules() if m is backbone), "")
+        found = [n for n in names if not n.startswith(f"{where}.")] if where else []
     else:
         linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
         found = [n for n in names if linears and n.startswith(linears[-1] + ".")]
