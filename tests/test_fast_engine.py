@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -45,7 +46,11 @@ def check(model, inputs, targets, loss_fn=ce, augmult=1, clip_norms=(1e-3, 0.5, 
         inputs = inputs.double()
     engine = FastEngine(model, loss_fn)
     assert engine.params == [p for p in model.parameters() if p.requires_grad]
-    for clip_norm in clip_norms:
+    # Every layer rule twice: with small conv layers kept (the default), and with the plain
+    # memory rule (no small-layer budget), under which the ghost norms of these tiny test
+    # layers run.
+    for clip_norm, budget in itertools.product(clip_norms, (FastEngine.keep_small_elements, 0)):
+        engine.keep_small_elements = budget
         sums, norms = engine.clipped_sum(inputs, targets, clip_norm, augmult=augmult)
         ref_sums, ref_norms = reference(
             model, loss_fn, inputs, targets, clip_norm, augmult, engine.params
@@ -56,6 +61,7 @@ def check(model, inputs, targets, loss_fn=ce, augmult=1, clip_norms=(1e-3, 0.5, 
             assert s.shape == p.shape
             torch.testing.assert_close(s, r, rtol=1e-9, atol=1e-12)
     assert all(p.grad is None for p in model.parameters())
+    engine.keep_small_elements = FastEngine.keep_small_elements
     return engine
 
 
@@ -387,3 +393,37 @@ def test_shared_output_not_added_to_the_graph_is_refused(variant):
     engine = FastEngine(PositionalEncoder(**variant), seq_ce)
     with pytest.raises(ValueError, match="positions.*shared by all examples"):
         engine.clipped_sum(torch.randint(0, 9, (4, 6)), labels(4), 1.0)
+
+
+def test_small_conv_layers_are_kept_within_the_calls_budget(monkeypatch):
+    # Conv 16->32, 4x4, stride 2 on 13x13 (the tanh CNN's second conv): its shape favours the
+    # ghost norm, and its per-example gradients (8 192 entries each) outweigh its stored input
+    # and output gradient (3 504), so the memory rule alone does not keep them. The small-layer
+    # budget does: instantiated once, no ghost unfold, and a weighted sum instead of a second
+    # kernel; a budget one entry short of the layer falls back to the ghost norm.
+    from dpmicroadam.privacy.fast import conv
+
+    calls = {"per_example": 0, "unfold": 0, "weight_grad": 0}
+    for name in calls:
+        original = getattr(conv.ConvCall, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(conv.ConvCall, name, counted)
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), Flatten(), nn.Linear(800, 3))
+    b = 4
+    layer = b * 32 * 16 * 4 * 4
+    for budget, expected in ((layer, (1, 0, 0)), (layer - 1, (0, 1, 1)), (0, (0, 1, 1))):
+        calls.update(per_example=0, unfold=0, weight_grad=0)
+        engine = FastEngine(model.double(), ce)
+        engine.keep_small_elements = budget
+        x = torch.randn(b, 16, 13, 13, dtype=torch.float64)
+        sums, norms = engine.clipped_sum(x, labels(b), 0.5)
+        ref_sums, ref_norms = reference(engine.model, ce, x, labels(b), 0.5, 1, engine.params)
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-9, atol=1e-12)
+        for s, r in zip(sums, ref_sums):
+            torch.testing.assert_close(s, r, rtol=1e-9, atol=1e-12)
+        assert (calls["per_example"], calls["unfold"], calls["weight_grad"]) == expected, budget

@@ -10,7 +10,9 @@ over positions t = K views × output pixels. Its squared norm is taken, per outp
 
 whichever costs less for the layer's shape (:func:`.linear.use_ghost`). The clipped sum
 Σ_i c_i G_i is the native weight-gradient kernel on output gradients scaled by c_i, or a
-weighted sum of the instantiated G_i when keeping them costs no more memory than the inputs.
+weighted sum of the instantiated G_i when they are kept: when keeping them costs no more memory
+than the inputs, or when they are small (the call's share of ``KEEP_SMALL_ELEMENTS``). A kept
+layer is always instantiated: the weighted sum saves the second kernel the ghost norm needs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import use_ghost
-from .owner import KEEP_RATIO, Owner, chunks, weighted_sum
+from .owner import KEEP_RATIO, KeepBudget, Owner, chunks, weighted_sum
 
 # Fan-in (C/groups · kernel) from which per-example weight gradients are formed one example at
 # a time rather than by a single grouped call (measured on CPU: 3×3 convs with 128 or more
@@ -164,7 +166,7 @@ def channel_stats(
         call: The convolution.
         xs, es: Prepared inputs and output gradients of each recorded call, (b·k, ...) each.
         b, k: Examples and views.
-        keep: Keep the instantiated G_i (if the layer instantiates).
+        keep: Instantiate G_i and keep them (else the cheaper of ghost norm and instantiation).
         direction: Optional (P, D) rows v_o; adds ``dot`` = v_o·G_{i,o} (instantiation only).
 
     Returns:
@@ -174,7 +176,7 @@ def channel_stats(
     out_ch, d_in, groups = es[0].shape[1], call.fan_in, call.groups
     d_out = out_ch // groups
     positions = k * sum(e[0, 0].numel() for e in es)
-    ghost = use_ghost(positions, d_in, d_out)
+    ghost = not keep and use_ghost(positions, d_in, d_out)
     if ghost:
         per = groups * positions * (positions + 2 * d_in + 2 * d_out)
     else:
@@ -225,15 +227,15 @@ class ConvOwner(Owner):
         sq = es[0].new_zeros(b)
         self._kept = self._grad_b = None
         if self.trainable(call.weight):
-            keep = call.weight.numel() <= k * sum(
-                x[0].numel() + e[0].numel() for x, e in zip(xs, es)
-            )
+            keep = keep_grads(call, xs, es, k, self.keep_budget)
             stats = channel_stats(call, xs, es, b, k, keep)
             sq = sq + stats["sq"].sum(1)
             self._kept = stats.get("kept")
         if self.trainable(call.bias):
             self._grad_b = sum(e.reshape(b, k, e.shape[1], -1).sum((1, 3)) for e in es)
             sq = sq + self._grad_b.square().sum(1)
+        if self._kept is not None:
+            self._data = (call, None, None, k)  # the sums need neither inputs nor output gradients
         return sq
 
     def sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
@@ -253,10 +255,13 @@ class ConvOwner(Owner):
         self._data = self._kept = self._grad_b = None
 
 
-def keep_grads(call: ConvCall, xs: list, es: list, k: int) -> bool:
-    """Whether keeping per-example weight gradients fits the memory rule (KEEP_RATIO)."""
+def keep_grads(call: ConvCall, xs: list, es: list, k: int, budget: KeepBudget) -> bool:
+    """Whether to keep per-example weight gradients: the memory rule (KEEP_RATIO), or they are
+    small enough to fit in what is left of the call's ``budget`` (which they then use up)."""
     stored = k * sum(x[0].numel() + e[0].numel() for x, e in zip(xs, es))
-    return call.weight.numel() <= KEEP_RATIO * stored
+    if call.weight.numel() <= KEEP_RATIO * stored:
+        return True
+    return budget.take(call.weight.numel() * (xs[0].shape[0] // k))
 
 
 def scaled_weight_grad(call, xs, es, factors, k) -> torch.Tensor:

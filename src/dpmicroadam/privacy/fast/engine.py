@@ -11,6 +11,7 @@ from ..checks import check_per_example_safe
 from ..clip import clip_factors
 from .capture import check_graph, check_unchanged, source_records
 from .fallback import FallbackOwner
+from .owner import KEEP_SMALL_ELEMENTS, KeepBudget
 from .plan import build_owners
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,6 +48,9 @@ class FastEngine:
     """
 
     kind = "fast"  # the name make_engine(kind=...) knows it by
+    # Per-example gradient entries small conv layers may keep per call beyond the memory rule
+    # (see .owner.KEEP_SMALL_ELEMENTS); 0 restores the plain rule (the tests run both).
+    keep_small_elements = KEEP_SMALL_ELEMENTS
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, params: Sequence[nn.Parameter] | None = None
@@ -85,10 +89,12 @@ class FastEngine:
         """
         b, k, flat, rep = _flatten(inputs, targets, clip_norm, augmult)
         handles = []
+        budget = KeepBudget(self.keep_small_elements)
         try:
             for owner in self._owners:
                 owner.views = k
                 owner.batch_rows = b * k
+                owner.keep_budget = budget
                 handles += owner.install()
             with torch.enable_grad():
                 outputs = self.model(flat)

@@ -166,7 +166,7 @@ class ReparamConvOwner(ConvOwner):
     def _ws_sq_norms(self, b, k, call, xs, es, output, version):
         direction, ratio, clamped = self._ws
         module, e = self.module, es[0]
-        keep = keep_grads(call, xs, es, k)
+        keep = keep_grads(call, xs, es, k, self.keep_budget)
         stats = channel_stats(call, xs, es, b, k, keep, direction=direction)
         self._kept = stats.get("kept")
         if "dot" in stats:
