@@ -20,8 +20,9 @@ KEEP_RATIO = 1.0
 # A conv layer whose per-example gradients for the whole call are this small is instantiated and
 # kept even beyond KEEP_RATIO: its clipped sum is then a weighted sum instead of a second
 # weight-gradient kernel, and on small layers that kernel and the ghost norm's unfold cost more
-# than the memory (measured on the 26 k-parameter tanh CNN: its DP step ~11 % faster). The
-# entries are shared by all the layers of one call: 2**20 float32 entries = 4 MiB in all.
+# than the memory (the 26 k-parameter tanh CNN: its `dpmicroadam train` DP step 1-16 % faster in
+# interleaved pairs, docs/speed.md). The entries are shared by all the layers of one call:
+# 2**20 float32 entries = 4 MiB in all.
 KEEP_SMALL_ELEMENTS = 2**20
 
 
