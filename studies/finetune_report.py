@@ -322,18 +322,17 @@ def mode_density_lines(rows: list[dict[str, str]]) -> list[dict]:
             continue
         one = best[(mode, "dp-microadam")]
         for r in sorted([one, *scan], key=lambda r: -_f(r["density"])):
-            tests: dict[float, dict[str, float]] = defaultdict(dict)
-            if r is one:
-                for e in (8.0, 3.0):
-                    tests[e] = dict(enumerate(c.get((mode, "dp-microadam", e), {}).get("test", [])))
-            else:
+            if r is one:  # the tuned 1 % setting: its seeds are the main table's cells
+                t8, t3 = (c.get((mode, "dp-microadam", e), {}).get("test", []) for e in (8.0, 3.0))
+            else:  # a scanned density: its scan row and its seeds, one test value per seed
+                by_seed: dict[float, dict[str, float]] = defaultdict(dict)
                 for q in mine:
                     if (q["tag"] in ("density", "density-seeds") and q["density"] == r["density"]
                             and q["lr"] == r["lr"]):  # fmt: skip
-                        tests[_f(q["target_epsilon"])][q["seed"]] = _f(q["test_accuracy"])
+                        by_seed[_f(q["target_epsilon"])][q["seed"]] = _f(q["test_accuracy"])
+                t8, t3 = list(by_seed[8.0].values()), list(by_seed[3.0].values())
             lines.append(dict(mode=mode, density=_f(r["density"]), lr=r["lr"],
-                              val=_f(r["val_accuracy"]), t8=list(tests[8.0].values()),
-                              t3=list(tests[3.0].values()),
+                              val=_f(r["val_accuracy"]), t8=t8, t3=t3,
                               per_param=_f(r["optimizer_state_bytes_per_param"]),
                               state_bytes=_f(r["optimizer_state_bytes"])))  # fmt: skip
     return lines
