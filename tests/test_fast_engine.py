@@ -427,3 +427,32 @@ def test_small_conv_layers_are_kept_within_the_calls_budget(monkeypatch):
         for s, r in zip(sums, ref_sums):
             torch.testing.assert_close(s, r, rtol=1e-9, atol=1e-12)
         assert (calls["per_example"], calls["unfold"], calls["weight_grad"]) == expected, budget
+
+
+def test_input_nested_in_a_tuple_changed_in_place_is_caught():
+    """A module called with a tuple of tensors: its inputs are version-checked like plain ones."""
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+
+        def forward(self, xy):
+            x, y = xy
+            return x * self.w + y
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.pair = Pair()
+
+        def forward(self, x):
+            z = torch.tanh(x)
+            out = self.pair((z, self.lin(x)))
+            z.mul_(2.0)  # the pair's stored input is no longer what it saw
+            return out
+
+    engine = FastEngine(Net(), ce)
+    with pytest.raises(ValueError, match="input of module 'pair' was modified in place"):
+        engine.clipped_sum(torch.randn(5, 4), torch.randint(0, 4, (5,)), 1.0)

@@ -111,3 +111,94 @@ def test_add_is_in_place_and_keeps_the_dtype():
     assert same is t and t.dtype == torch.float64 and 1.8 < float(t.std()) < 2.2
     with pytest.raises(ValueError, match="std must be finite"):
         noise.add_(t, float("nan"))
+
+
+def _twin_runs(calls, seed=4):
+    """Runs ``calls(noise)`` with the draw ahead on and off; returns both results and the noise."""
+    ahead, plain = GaussianNoise(seed=seed), GaussianNoise(seed=seed)
+    plain.prefetch = False
+    return calls(ahead), calls(plain), ahead
+
+
+def test_draw_ahead_gives_exactly_the_stream_drawn_in_place():
+    shapes = [(7, 5), (5,), (3,)]
+
+    def releases(noise):
+        out = []
+        for _ in range(4):
+            ts = [torch.zeros(s) for s in shapes]
+            noise.add_each_(ts, 0.5)
+            out.append(ts)
+        return out
+
+    got, want, noise = _twin_runs(releases)
+    assert noise._ahead is not None  # the next release's noise is being drawn ahead
+    for g, w in zip(got, want, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(g, w, strict=True))
+    gen = torch.Generator().manual_seed(4)  # and it is the plain CPU stream, in order
+    for ts in want:
+        for t in ts:
+            assert torch.equal(t, torch.randn(t.shape, generator=gen).mul_(0.5))
+
+
+def test_anything_else_rewinds_the_draw_ahead():
+    """Another std, other shapes, a single add_, sample_like: all draw as without a draw ahead."""
+
+    def mixed(noise):
+        a, b, c = torch.zeros(6), torch.zeros(4, dtype=torch.float64), torch.zeros(2, 3)
+        noise.add_each_([a, b], 1.0)
+        noise.add_each_([a, b], 2.0)  # another std
+        noise.add_each_([c], 2.0)  # other shapes
+        noise.add_(a, 1.0)
+        noise.add_each_([c], 2.0)
+        s = noise.sample_like([c], 1.0)[0]
+        noise.add_each_([c], 2.0)
+        noise.add_each_([], 2.0)  # an empty release draws nothing
+        noise.add_each_([c], 2.0)
+        return [a.clone(), b.clone(), c.clone(), s]
+
+    got, want, _ = _twin_runs(mixed)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_state_saved_with_a_draw_ahead_pending_resumes_bit_for_bit():
+    params = [torch.nn.Parameter(torch.zeros(9, 4)), torch.nn.Parameter(torch.zeros(4))]
+
+    def release(pg):
+        pg.accumulate([torch.ones(9, 4), torch.ones(4)], 2)
+        pg.release()
+        return [p.grad.clone() for p in params]
+
+    pg = PrivateGradient(params, 1.0, 1.5, 4.0, seed=8)
+    release(pg)
+    assert pg.noise._ahead is not None
+    state = pg.state_dict()
+    want = [release(pg) for _ in range(3)]
+    resumed = PrivateGradient(params, 1.0, 1.5, 4.0, seed=123)
+    resumed.load_state_dict(state)
+    got = [release(resumed) for _ in range(3)]
+    for g, w in zip(got, want, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(g, w, strict=True))
+    # The saved state is the one a run without the draw ahead saves at that point.
+    plain = PrivateGradient(params, 1.0, 1.5, 4.0, seed=8)
+    plain.noise.prefetch = False
+    release(plain)
+    assert torch.equal(plain.state_dict()["noise"]["generator_state"],
+                       state["noise"]["generator_state"])  # fmt: skip
+
+
+def test_no_draw_ahead_when_secure_too_large_or_not_on_the_cpu(monkeypatch):
+    import dpmicroadam.privacy.noise as noise_module
+
+    secure = GaussianNoise(secure=True)
+    secure.add_each_([torch.zeros(10)], 1.0)
+    assert secure._ahead is None
+    monkeypatch.setattr(noise_module, "PREFETCH_MAX_ELEMENTS", 15)
+    big = GaussianNoise(seed=1)
+    big.add_each_([torch.zeros(10), torch.zeros(6)], 1.0)
+    assert big._ahead is None
+    big.add_each_([torch.zeros(10), torch.zeros(5)], 1.0)
+    assert big._ahead is not None
+    meta = GaussianNoise(seed=1)  # a tensor on another device: drawn there, never ahead
+    assert meta._plan([torch.zeros(3), torch.empty(2, device="meta")], 1.0) is None

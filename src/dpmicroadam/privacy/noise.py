@@ -8,6 +8,17 @@ unchanged. A device's generator is seeded, the first time it is used, with a num
 the CPU generator; every generator's state round-trips through ``state_dict`` (so a resumed GPU
 run draws the same noise). The same seed gives different (equally distributed) noise on CPU and
 GPU.
+
+On the CPU, one release's noise is drawn *ahead*: when a release has added its noise, a worker
+thread draws the next release's (same shapes, same std, the same generator in the same order)
+while the forward and backward pass run, so the draw, one Gaussian per parameter from torch's
+single-threaded Mersenne Twister, leaves the critical path (:meth:`GaussianNoise.add_each_`).
+The stream is exactly the one drawn in place would be: whenever anything else is about to use
+the generator (another shape, another std, a single ``add_``, ``state_dict``), the draw ahead is
+waited for and the generator is rewound to the state it had before it, so the saved state and
+every later draw are bit for bit those of a run without it. It holds one release's noise
+between steps, so it is used only up to ``PREFETCH_MAX_ELEMENTS`` entries, and never with
+``secure=True`` (which reseeds from OS entropy at each release) or on other devices.
 """
 
 from __future__ import annotations
@@ -15,11 +26,15 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-__all__ = ["GaussianNoise"]
+__all__ = ["GaussianNoise", "PREFETCH_MAX_ELEMENTS"]
+
+# Largest release (in entries) whose noise is drawn ahead: 16 MiB of float32 held between steps.
+PREFETCH_MAX_ELEMENTS = 2**22
 
 
 def _fresh_seed() -> int:
@@ -63,8 +78,43 @@ class GaussianNoise:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(_fresh_seed() if seed is None else seed)
         self._device_generators: dict[str, torch.Generator] = {}
+        self.prefetch = True  # draw the next release's CPU noise ahead (module docstring)
+        self._executor: ThreadPoolExecutor | None = None
+        # Pending draw ahead: (what it draws, generator state before it, its future).
+        self._ahead: tuple[tuple, torch.Tensor, Future] | None = None
+
+    def _settle(self) -> None:
+        """Drop a pending draw ahead and rewind the generator to the state before it."""
+        if self._ahead is not None:
+            _, before, future = self._ahead
+            self._ahead = None
+            future.exception()  # wait for the worker to be done with the generator
+            self._generator.set_state(before)
+
+    def _plan(self, tensors: Sequence[torch.Tensor], std: float) -> tuple | None:
+        """What a draw ahead for these tensors would draw, or None if it is not used for them."""
+        if not self.prefetch or self.secure:
+            return None
+        if any(t.device.type != "cpu" for t in tensors):
+            return None
+        if sum(t.numel() for t in tensors) > PREFETCH_MAX_ELEMENTS:
+            return None
+        return (std, *((tuple(t.shape), _draw_dtype(t)) for t in tensors))
+
+    def _draw_ahead(self, plan: tuple) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="dpmicroadam-noise")
+        before = self._generator.get_state()
+        gen, std = self._generator, plan[0]
+
+        def draw() -> list[torch.Tensor]:
+            return [torch.randn(shape, generator=gen, dtype=dtype).mul_(std)
+                    for shape, dtype in plan[1:]]  # fmt: skip
+
+        self._ahead = (plan, before, self._executor.submit(draw))
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
+        self._settle()
         if device.type == "cpu":
             return self._generator
         key = str(device)
@@ -79,16 +129,38 @@ class GaussianNoise:
     def new_release(self) -> None:
         """Call once per release: secure noise reseeds every generator from OS entropy."""
         if self.secure:
+            self._settle()
             self._generator.manual_seed(_fresh_seed())
             for gen in self._device_generators.values():
                 gen.manual_seed(_fresh_seed())
 
     def _draw(self, t: torch.Tensor, std: float) -> torch.Tensor:
-        # float64 tensors get float64 noise; everything else float32, cast afterwards.
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         gen = self._generator_for(t.device)
-        z = torch.randn(t.shape, generator=gen, dtype=dtype, device=t.device)
+        z = torch.randn(t.shape, generator=gen, dtype=_draw_dtype(t), device=t.device)
         return z.mul_(std)
+
+    @torch.no_grad()
+    def add_each_(self, tensors: Sequence[torch.Tensor], std: float) -> None:
+        """One release: ``t += N(0, std^2 I)`` for each tensor in order, in place.
+
+        The same draws as ``new_release()`` followed by ``add_(t, std)`` for each tensor; on the
+        CPU the next release's noise is then drawn ahead (module docstring).
+        """
+        std = _check_std(std)
+        self.new_release()
+        plan = self._plan(tensors, std)
+        if self._ahead is not None and self._ahead[0] != plan:
+            self._settle()  # drawn for other shapes or another std: rewind, draw in place
+        drawn = None
+        if self._ahead is not None:
+            drawn = self._ahead[2].result()
+            self._ahead = None
+        for j, t in enumerate(tensors):
+            z = drawn[j] if drawn is not None else self._draw(t, std)
+            t.add_(z if z.dtype == t.dtype else z.to(t.dtype))
+            del z  # on a device, one tensor's noise at a time
+        if plan is not None:
+            self._draw_ahead(plan)
 
     @torch.no_grad()
     def add_(self, tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -121,10 +193,9 @@ class GaussianNoise:
         """The generators' states (uint8 CPU tensors); secure noise stores no state."""
         if self.secure:
             return {"secure": True}
-        state: dict[str, Any] = {
-            "secure": False,
-            "generator_state": self._generator.get_state().clone(),
-        }
+        # With a draw ahead pending, the state before it is the one a run without it would have.
+        current = self._ahead[1] if self._ahead is not None else self._generator.get_state()
+        state: dict[str, Any] = {"secure": False, "generator_state": current.clone()}
         if self._device_generators:
             state["device_states"] = {
                 key: gen.get_state().clone() for key, gen in self._device_generators.items()
@@ -149,6 +220,7 @@ class GaussianNoise:
             )
         if self.secure:
             return  # nothing to restore: secure noise reseeds from OS entropy.
+        self._settle()
         gen_state = state["generator_state"]
         if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != torch.uint8:
             raise TypeError(
@@ -163,3 +235,8 @@ class GaussianNoise:
             gen = torch.Generator(device=device)
             gen.set_state(dev_state.cpu())
             self._device_generators[key] = gen
+
+
+def _draw_dtype(t: torch.Tensor) -> torch.dtype:
+    # float64 tensors get float64 noise; everything else float32, cast afterwards.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

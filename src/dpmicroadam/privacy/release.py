@@ -186,14 +186,16 @@ class PrivateGradient:
         """
         count = self._count
         divisor = self.expected_batch_size if self.normalize == "expected" else max(count, 1)
-        self.noise.new_release()
+        # Tensor by tensor, in place, on the parameters' devices: one tensor's noise at a time
+        # (on the CPU the next release's noise is then drawn ahead; GaussianNoise).
+        self.noise.add_each_(self._sums, self.sum_std)
         for p, acc in zip(self.params, self._sums):
-            # Tensor by tensor, in place, on the parameter's device: one tensor's noise at a time.
-            self.noise.add_(acc, self.sum_std).div_(divisor)
             if p.grad is None:
-                p.grad = acc.to(p.dtype, copy=True)
+                p.grad = acc.div_(divisor).to(p.dtype, copy=True)
+            elif p.grad.dtype == acc.dtype and p.grad.device == acc.device:
+                torch.div(acc, divisor, out=p.grad)  # the same division, no extra copy
             else:
-                p.grad.copy_(acc)
+                p.grad.copy_(acc.div_(divisor))
             acc.zero_()
         self._count = 0
         return ReleaseStats(count, float(divisor), self.sum_std / divisor)

@@ -86,7 +86,8 @@ def make_record(
             index.append(i)
             edges.append(get_gradient_edge(leaf))
             like.append((leaf.shape, leaf.dtype, leaf.device))
-    in_leaves = list(args) if not kwargs else tree_flatten((args, kwargs))[0]
+    flat = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+    in_leaves = args if flat else tree_flatten((args, kwargs))[0]
     # torch exposes a tensor's in-place version counter only as `_version`.
     versions = [(t, t._version) for t in in_leaves if isinstance(t, torch.Tensor)]  # noqa: SLF001
     return Record(tuple(args), dict(kwargs), index, edges, like, versions, extra, shared=shared)
@@ -108,8 +109,8 @@ def check_unchanged(record: Record, name: str) -> None:
 
 
 def _input_nodes(record: Record) -> list:
-    leaves, _ = tree_flatten((record.args, record.kwargs))
-    return [t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    # record.versions lists every tensor among the call's (flattened) inputs.
+    return [t.grad_fn for t, _ in record.versions if t.grad_fn is not None]
 
 
 def check_graph(
