@@ -113,6 +113,14 @@ def test_add_is_in_place_and_keeps_the_dtype():
         noise.add_(t, float("nan"))
 
 
+@pytest.fixture
+def spare_core(monkeypatch):
+    """The draw ahead needs a core beyond torch's intra-op threads; pretend there is one."""
+    import dpmicroadam.privacy.noise as noise_module
+
+    monkeypatch.setattr(noise_module, "_cores", lambda: torch.get_num_threads() + 1)
+
+
 def _twin_runs(calls, seed=4):
     """Runs ``calls(noise)`` with the draw ahead on and off; returns both results and the noise."""
     ahead, plain = GaussianNoise(seed=seed), GaussianNoise(seed=seed)
@@ -120,7 +128,7 @@ def _twin_runs(calls, seed=4):
     return calls(ahead), calls(plain), ahead
 
 
-def test_draw_ahead_gives_exactly_the_stream_drawn_in_place():
+def test_draw_ahead_gives_exactly_the_stream_drawn_in_place(spare_core):
     shapes = [(7, 5), (5,), (3,)]
 
     def releases(noise):
@@ -141,7 +149,7 @@ def test_draw_ahead_gives_exactly_the_stream_drawn_in_place():
             assert torch.equal(t, torch.randn(t.shape, generator=gen).mul_(0.5))
 
 
-def test_anything_else_rewinds_the_draw_ahead():
+def test_anything_else_rewinds_the_draw_ahead(spare_core):
     """Another std, other shapes, a single add_, sample_like: all draw as without a draw ahead."""
 
     def mixed(noise):
@@ -162,7 +170,7 @@ def test_anything_else_rewinds_the_draw_ahead():
         assert g.dtype == w.dtype and torch.equal(g, w)
 
 
-def test_state_saved_with_a_draw_ahead_pending_resumes_bit_for_bit():
+def test_state_saved_with_a_draw_ahead_pending_resumes_bit_for_bit(spare_core):
     params = [torch.nn.Parameter(torch.zeros(9, 4)), torch.nn.Parameter(torch.zeros(4))]
 
     def release(pg):
@@ -188,7 +196,9 @@ def test_state_saved_with_a_draw_ahead_pending_resumes_bit_for_bit():
                        state["noise"]["generator_state"])  # fmt: skip
 
 
-def test_no_draw_ahead_when_secure_too_large_or_not_on_the_cpu(monkeypatch):
+def test_no_draw_ahead_when_secure_too_large_not_on_the_cpu_or_no_core_free(
+    spare_core, monkeypatch
+):
     import dpmicroadam.privacy.noise as noise_module
 
     secure = GaussianNoise(secure=True)
@@ -202,3 +212,7 @@ def test_no_draw_ahead_when_secure_too_large_or_not_on_the_cpu(monkeypatch):
     assert big._ahead is not None
     meta = GaussianNoise(seed=1)  # a tensor on another device: drawn there, never ahead
     assert meta._plan([torch.zeros(3), torch.empty(2, device="meta")], 1.0) is None
+    monkeypatch.setattr(noise_module, "_cores", torch.get_num_threads)  # every core busy
+    busy = GaussianNoise(seed=1)
+    busy.add_each_([torch.zeros(10)], 1.0)
+    assert busy._ahead is None

@@ -14,16 +14,20 @@ thread draws the next release's (same shapes, same std, the same generator in th
 while the forward and backward pass run, so the draw, one Gaussian per parameter from torch's
 single-threaded Mersenne Twister, leaves the critical path (:meth:`GaussianNoise.add_each_`).
 The stream is exactly the one drawn in place would be: whenever anything else is about to use
-the generator (another shape, another std, a single ``add_``, ``state_dict``), the draw ahead is
-waited for and the generator is rewound to the state it had before it, so the saved state and
-every later draw are bit for bit those of a run without it. It holds one release's noise
+the generator (another shape, another std, a single ``add_``, ``load_state_dict``), the draw
+ahead is waited for and the generator is rewound to the state it had before it, and
+``state_dict`` saves that earlier state, so the saved state and every later draw are bit for bit
+those of a run without it. It holds one release's noise
 between steps, so it is used only up to ``PREFETCH_MAX_ELEMENTS`` entries, and never with
-``secure=True`` (which reseeds from OS entropy at each release) or on other devices.
+``secure=True`` (which reseeds from OS entropy at each release) or on other devices, and only
+when torch's intra-op threads leave a core free for the worker (with every core busy, the worker
+only competes with them: measured, no faster).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,6 +70,9 @@ class GaussianNoise:
         TypeError: If ``seed`` is not an int.
     """
 
+    # Draw the next release's CPU noise ahead (module docstring); False draws it in place.
+    prefetch = True
+
     def __init__(self, seed: int | None = None, secure: bool = False) -> None:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -78,7 +85,6 @@ class GaussianNoise:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(_fresh_seed() if seed is None else seed)
         self._device_generators: dict[str, torch.Generator] = {}
-        self.prefetch = True  # draw the next release's CPU noise ahead (module docstring)
         self._executor: ThreadPoolExecutor | None = None
         # Pending draw ahead: (what it draws, generator state before it, its future).
         self._ahead: tuple[tuple, torch.Tensor, Future] | None = None
@@ -93,8 +99,8 @@ class GaussianNoise:
 
     def _plan(self, tensors: Sequence[torch.Tensor], std: float) -> tuple | None:
         """What a draw ahead for these tensors would draw, or None if it is not used for them."""
-        if not self.prefetch or self.secure:
-            return None
+        if not self.prefetch or self.secure or torch.get_num_threads() >= _cores():
+            return None  # off, secure, or no core left for the worker to draw on
         if any(t.device.type != "cpu" for t in tensors):
             return None
         if sum(t.numel() for t in tensors) > PREFETCH_MAX_ELEMENTS:
@@ -235,6 +241,14 @@ class GaussianNoise:
             gen = torch.Generator(device=device)
             gen.set_state(dev_state.cpu())
             self._device_generators[key] = gen
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _draw_dtype(t: torch.Tensor) -> torch.dtype:
