@@ -258,3 +258,26 @@ def test_plan_counts_what_the_sweep_then_runs_and_runs_nothing(tmp_path, capsys)
     assert main(["sweep", str(cfg), "--results-dir", str(results)]) == 0
     assert len(read_rows(csv_path)) == 1 + 3 + 4  # what the plan counted, once the tuning ended
     assert counts() == [(4, 4, 0, 0), (4, 4, 0, 0)]
+
+
+def test_parallel_runs_that_fill_the_cores_draw_their_noise_in_place(tmp_path, monkeypatch):
+    """A run of a sweep whose jobs fill the cores turns the noise draw ahead off (it would only
+    compete with the other runs), and its noise is still the plain stream: same result."""
+    import torch
+
+    from dpmicroadam.privacy.noise import GaussianNoise
+    from dpmicroadam.study.sweep import _run_one
+
+    monkeypatch.setattr(GaussianNoise, "prefetch", True)
+    settings = {"dataset": "digits", "steps": 3, "batch_size": 64, "optimizer": "dp-sgd"}
+    ahead = _run_one("tune", settings, tmp_path / "a", progress=False, threads=1)
+    assert GaussianNoise.prefetch
+    in_place = _run_one("tune", settings, tmp_path / "b", progress=False, threads=1,
+                        draw_ahead=False)  # fmt: skip
+    assert not GaussianNoise.prefetch
+    weights = [
+        torch.load(tmp_path / d / row["run_id"] / "checkpoint.pt", weights_only=True)["model"]
+        for d, row in (("a", ahead), ("b", in_place))
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -378,10 +378,12 @@ def _execute(
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     per_run = threads or max(1, (os.cpu_count() or 1) // jobs)
+    # The runs' intra-op threads fill the cores: the noise draw ahead would only compete.
+    draw_ahead = jobs * per_run < (os.cpu_count() or 1)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
         futures = [
-            pool.submit(_run_one, tag, settings, runs_dir, False, command, per_run)
+            pool.submit(_run_one, tag, settings, runs_dir, False, command, per_run, draw_ahead)
             for tag, settings in todo
         ]
         try:
@@ -400,11 +402,16 @@ def _run_one(
     progress: bool,
     command: str = "train",
     threads: int | None = None,
+    draw_ahead: bool = True,
 ) -> dict[str, Any]:
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+    if not draw_ahead:  # this process (one run) only: no core is left for the noise worker
+        from ..privacy.noise import GaussianNoise
+
+        GaussianNoise.prefetch = False
     rid = run_id(settings)
     out = runs_dir / rid
     if (out / "summary.json").exists():
