@@ -179,3 +179,54 @@ def test_all_reduce_single_process_group(tmp_path):
             PrivateGradient(params, 1.0, 1.0, 2.0, secure_noise=True).all_reduce()
     finally:
         dist.destroy_process_group()
+
+
+def test_handed_over_sums_are_adopted_and_never_leak_into_a_later_release(tmp_path):
+    """accumulate(owned=True) keeps the first micro-batch's tensors as the accumulator; the
+    release is bit for bit the copying one's, and what the buffers held is never released again."""
+    import torch.distributed as dist
+
+    def run(owned):
+        params = make_params()
+        pg = PrivateGradient(params, 1.5, 0.8, 32.0, seed=5)
+        first = [s.clone() for s in random_sums(1)]
+        pg.accumulate(first, 7, owned=owned)
+        adopted = all(a is s for a, s in zip(pg._sums, first))
+        pg.accumulate(random_sums(2), 4, owned=owned)  # added into the adopted tensors
+        pg.release()
+        grads = [p.grad.clone() for p in params]
+        pg.state_dict()  # the buffers hold released values: nothing pending
+        pg.release()  # nothing accumulated: pure noise, none of the old sums
+        empty = [p.grad.clone() for p in params]
+        pg.accumulate(random_sums(3), 2, owned=owned)
+        pg.discard()
+        pg.release()  # discarded: pure noise again
+        discarded = [p.grad.clone() for p in params]
+        return adopted, grads, empty, discarded
+
+    (adopted, *got), (copied, *want) = run(True), run(False)
+    assert adopted and not copied
+    for g, w in zip(got, want, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(g, w, strict=True))
+    stream = GaussianNoise(seed=5)
+    shapes = [torch.empty(3, 4), torch.empty(5)]
+    expected = [(a + b + z) / 32.0 for a, b, z in
+                zip(random_sums(1), random_sums(2), stream.sample_like(shapes, 1.2))]  # fmt: skip
+    for kind, values in zip(("empty", "discarded"), got[1:]):
+        for v, z in zip(values, stream.sample_like(shapes, 1.2), strict=True):
+            assert torch.equal(v, z / 32.0), kind
+    for g, e in zip(got[0], expected, strict=True):
+        torch.testing.assert_close(g, e)
+    # A rank that passed nothing all-reduces zeros, not the buffers' stale values.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        params = make_params()
+        pg = PrivateGradient(params, 1.0, 0.0, 2.0)
+        pg.accumulate(random_sums(1), 3, owned=True)
+        pg.release()
+        pg.all_reduce()  # (with more ranks, the sum the others receive)
+        assert all(torch.count_nonzero(acc) == 0 for acc in pg._sums)
+        pg.release()
+        assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+    finally:
+        dist.destroy_process_group()

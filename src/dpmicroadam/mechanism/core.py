@@ -198,7 +198,7 @@ class DPMechanism:
                 bad = True
                 break
             clipped += int((norms > self.config.clip_norm).sum())
-            self.gradient.accumulate(sums, int(norms.shape[0]))
+            self.gradient.accumulate(sums, int(norms.shape[0]), owned=True)  # fresh tensors
         if self._any_rank(bad):  # every rank raises together, none waits in the all-reduce
             self.gradient.discard()
             self._pending = None

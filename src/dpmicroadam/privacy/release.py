@@ -101,6 +101,9 @@ class PrivateGradient:
         self.noise = GaussianNoise(seed=seed, secure=secure_noise)
         self._sums = [torch.zeros_like(p, dtype=_acc_dtype(p.dtype)) for p in self.params]
         self._count = 0
+        # Nothing accumulated since the last release: the buffers' contents are stale (the last
+        # released values, or sums handed over by the caller) and count as zeros.
+        self._empty = True
 
     @property
     def sum_std(self) -> float:
@@ -117,12 +120,15 @@ class PrivateGradient:
         """Examples accumulated since the last release."""
         return self._count
 
-    def accumulate(self, sums: Sequence[torch.Tensor], count: int) -> None:
+    def accumulate(self, sums: Sequence[torch.Tensor], count: int, owned: bool = False) -> None:
         """Add one micro-batch's clipped sum.
 
         Args:
             sums: One tensor per parameter, shaped like it (an engine's ``clipped_sum``).
             count: Number of examples in the micro-batch (≥ 0).
+            owned: The caller hands the tensors over (nothing else refers to them, as with the
+                fresh tensors an engine returns): the first micro-batch of a release is then
+                kept as the accumulator itself (no copy) and the noise is added to it in place.
 
         Raises:
             ValueError: On a wrong number or shape of sums, or a negative count.
@@ -139,14 +145,27 @@ class PrivateGradient:
                 raise ValueError(
                     f"sums[{j}] has shape {tuple(s.shape)}, parameter {j} has {tuple(acc.shape)}"
                 )
-        for acc, s in zip(self._sums, sums):  # validated first: no half-added micro-batch
-            acc.add_(s.to(device=acc.device, dtype=acc.dtype))
+        for j, (acc, s) in enumerate(zip(self._sums, sums)):  # validated first: none half-added
+            if not self._empty:
+                acc.add_(s.to(device=acc.device, dtype=acc.dtype))
+            elif owned and _adoptable(s, acc):
+                self._sums[j] = s
+            else:
+                acc.copy_(s)
+        self._empty = False
         self._count += int(count)
+
+    def _zero_if_empty(self) -> None:
+        if self._empty:
+            for acc in self._sums:
+                acc.zero_()
+            self._empty = False
 
     def discard(self) -> None:
         """Drop the pending sum without releasing anything (e.g. after a non-finite gradient)."""
         for acc in self._sums:
-            acc.zero_()
+            acc.zero_()  # un-noised data: not left in memory
+        self._empty = True
         self._count = 0
 
     def all_reduce(self, group: Any = None) -> None:
@@ -169,6 +188,7 @@ class PrivateGradient:
             )
         import torch.distributed as dist
 
+        self._zero_if_empty()  # a rank that passed no micro-batch contributes zeros
         for acc in self._sums:
             dist.all_reduce(acc, group=group)
         count = torch.tensor([self._count], dtype=torch.int64, device=self._sums[0].device)
@@ -186,6 +206,7 @@ class PrivateGradient:
         """
         count = self._count
         divisor = self.expected_batch_size if self.normalize == "expected" else max(count, 1)
+        self._zero_if_empty()  # an empty batch: the release is pure noise
         # Tensor by tensor, in place, on the parameters' devices: one tensor's noise at a time
         # (on the CPU the next release's noise is then drawn ahead; GaussianNoise).
         self.noise.add_each_(self._sums, self.sum_std)
@@ -196,7 +217,7 @@ class PrivateGradient:
                 torch.div(acc, divisor, out=p.grad)  # the same division, no extra copy
             else:
                 p.grad.copy_(acc.div_(divisor))
-            acc.zero_()
+        self._empty = True  # the buffers now hold released (noisy) values, not private data
         self._count = 0
         return ReleaseStats(count, float(divisor), self.sum_std / divisor)
 
@@ -207,7 +228,7 @@ class PrivateGradient:
             ValueError: If a sum is pending: it is un-noised private data and must not be
                 written to a checkpoint; call ``release()`` first.
         """
-        if self._count or any(bool(acc.any()) for acc in self._sums):
+        if not self._empty and (self._count or any(bool(acc.any()) for acc in self._sums)):
             raise ValueError(
                 f"{self._count} example(s) accumulated but not released: the pending sum is "
                 "un-noised data and is never saved; call release() before state_dict()"
@@ -233,9 +254,18 @@ class PrivateGradient:
                     f"{key}={getattr(self, key)!r}; build it with the checkpoint's settings"
                 )
         self.noise.load_state_dict(state["noise"])
-        for acc in self._sums:
-            acc.zero_()
-        self._count = 0
+        self.discard()
+
+
+def _adoptable(s: torch.Tensor, acc: torch.Tensor) -> bool:
+    """Whether a handed-over sum can serve as the accumulator as it is."""
+    return (
+        s.dtype == acc.dtype
+        and s.device == acc.device
+        and s.shape == acc.shape
+        and s.is_contiguous()
+        and not s.requires_grad
+    )
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
