@@ -107,6 +107,19 @@ def test_linear_2d_and_inplace_activation():
     check(model, torch.randn(5, 6), labels(5))
 
 
+def test_linear_one_position_with_a_frozen_weight_or_bias():
+    """The rank-one path (2-D inputs): weight alone, bias alone, both, no bias, tiny layers."""
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 2, bias=False),
+        nn.Tanh(), nn.Linear(2, 3),
+    )  # fmt: skip
+    model[0].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    engine = check(model, torch.randn(6, 6), labels(6))
+    assert len(engine.params) == 5
+
+
 def test_linear_3d_ghost_and_instantiated():
     torch.manual_seed(2)
     # (T=2, 8→16) picks the ghost norm; (T=12, 3→4) instantiates.

@@ -170,7 +170,8 @@ class FastEngine:
         sums: list[torch.Tensor | None] = [None] * len(self.params)
         for index in sq:
             for j, value in zip(self._slots[index], self._owners[index].sums(factors)):
-                sums[j] = value.detach().reshape(self.params[j].shape)
+                shape = self.params[j].shape
+                sums[j] = (value if value.shape == shape else value.reshape(shape)).detach()
         for j, p in enumerate(self.params):
             if sums[j] is None:
                 sums[j] = torch.zeros_like(p)

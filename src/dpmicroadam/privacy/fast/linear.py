@@ -98,6 +98,8 @@ class LinearOwner(Owner):
             outs.append(e.reshape(b, -1, e.shape[-1]))
         a = acts[0] if len(acts) == 1 else torch.cat(acts, 1)
         e = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        if a.shape[1] == 1:
+            return self._rank_one_sq_norms(a, e)
         sq = e.new_zeros(b)
         self._grad_w = self._act = None
         if self.trainable(weight):
@@ -117,6 +119,20 @@ class LinearOwner(Owner):
             self._grad_b = e.sum(1)
             sq = sq + self._grad_b.square().sum(1)
         return sq
+
+    def _rank_one_sq_norms(self, a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """One position per example (no sequence): g_i = e_i a_iᵀ, so ‖g_i‖² = ‖e_i‖²‖a_i‖²,
+        and the bias gradient is e_i itself; the sums take the matmul path."""
+        e_sq = e.square().sum((1, 2))
+        sq = None
+        self._grad_w = self._act = self._grad_b = None
+        if self.trainable(self.module.weight):
+            self._act = (a, e)
+            sq = a.square().sum((1, 2)) * e_sq
+        if self.trainable(self.module.bias):
+            self._grad_b = e[:, 0]
+            sq = e_sq if sq is None else sq + e_sq
+        return sq if sq is not None else e.new_zeros(e.shape[0])
 
     def sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
         out = []
