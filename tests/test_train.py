@@ -260,3 +260,28 @@ def test_secret_seeding_resumes_the_same_streams(tmp_path):
                               "resume": True}))  # fmt: skip
     for a, b in zip(_final_params(tmp_path / "a"), _final_params(tmp_path / "b"), strict=True):
         assert torch.equal(a, b)
+
+
+def test_noise_drawn_ahead_resumes_bit_identical_and_equals_drawn_in_place(tmp_path, monkeypatch):
+    """End to end, with the next release's noise drawn ahead on a worker thread (forced on):
+    killed and resumed equals uninterrupted, and both equal a run drawing its noise in place."""
+    import dpmicroadam.privacy.noise as noise_module
+
+    monkeypatch.setattr(noise_module, "_cores", lambda: torch.get_num_threads() + 1)
+    ahead_calls = []
+    draw_ahead = noise_module.GaussianNoise._draw_ahead
+
+    def counting(self, plan):
+        ahead_calls.append(plan)
+        return draw_ahead(self, plan)
+
+    monkeypatch.setattr(noise_module.GaussianNoise, "_draw_ahead", counting)
+    full = train(run_cfg(tmp_path, "full", checkpoint_every=6))
+    assert len(ahead_calls) == full["steps"]  # one draw ahead per release
+    assert Run(run_cfg(tmp_path, "cut", checkpoint_every=6)).fit(stop_at=15) is None
+    train(run_cfg(tmp_path, "cut", checkpoint_every=6, resume=True))
+    monkeypatch.setattr(noise_module.GaussianNoise, "prefetch", False)
+    train(run_cfg(tmp_path, "in-place", checkpoint_every=6))
+    finals = [_final_params(tmp_path / name) for name in ("full", "cut", "in-place")]
+    for a, b, c in zip(*finals, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
