@@ -192,7 +192,7 @@ def channel_stats(
             stats["sq"].append(((gram @ o) * o).sum(2).reshape(n, out_ch))
             stats["total"].append((o * a.sum(-1, keepdim=True)).sum(2).reshape(n, out_ch))
             continue
-        g = sum(call.per_example(x[rows], e[rows], n, k) for x, e in zip(xs, es))
+        g = _total(call.per_example(x[rows], e[rows], n, k) for x, e in zip(xs, es))
         stats["sq"].append(torch.linalg.vector_norm(g, dim=-1).square())
         stats["total"].append(g.sum(-1))
         if direction is not None:
@@ -208,6 +208,16 @@ def channel_stats(
     if kept is not None:
         result["kept"] = kept
     return result
+
+
+def _total(parts) -> torch.Tensor:
+    """The parts added up in order; unlike ``sum()``, without first adding the first to 0 (a
+    full pass over a per-example gradient tensor)."""
+    it = iter(parts)
+    total = next(it)
+    for part in it:
+        total = total + part
+    return total
 
 
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -232,7 +242,7 @@ class ConvOwner(Owner):
             sq = sq + stats["sq"].sum(1)
             self._kept = stats.get("kept")
         if self.trainable(call.bias):
-            self._grad_b = sum(e.reshape(b, k, e.shape[1], -1).sum((1, 3)) for e in es)
+            self._grad_b = _total(e.reshape(b, k, e.shape[1], -1).sum((1, 3)) for e in es)
             sq = sq + self._grad_b.square().sum(1)
         if self._kept is not None:
             self._data = (call, None, None, k)  # the sums need neither inputs nor output gradients
