@@ -469,3 +469,21 @@ def test_input_nested_in_a_tuple_changed_in_place_is_caught():
     engine = FastEngine(Net(), ce)
     with pytest.raises(ValueError, match="input of module 'pair' was modified in place"):
         engine.clipped_sum(torch.randn(5, 4), torch.randint(0, 4, (5,)), 1.0)
+
+
+def test_conv_called_twice_adds_up_both_calls():
+    """One Conv2d applied twice per example: its per-example gradients (instantiated, kept or
+    ghost) and bias gradients add up the two calls."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.head = nn.Linear(3 * 4 * 4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(x)) + self.conv(x.flip(-1))
+            return self.head(h.flatten(1))
+
+    torch.manual_seed(16)
+    check(Twice(), torch.randn(4, 2, 6, 6), labels(4))
