@@ -17,11 +17,10 @@ The stream is exactly the one drawn in place would be: whenever anything else is
 the generator (another shape, another std, a single ``add_``, ``load_state_dict``), the draw
 ahead is waited for and the generator is rewound to the state it had before it, and
 ``state_dict`` saves that earlier state, so the saved state and every later draw are bit for bit
-those of a run without it. It holds one release's noise
-between steps, so it is used only up to ``PREFETCH_MAX_ELEMENTS`` entries, and never with
-``secure=True`` (which reseeds from OS entropy at each release) or on other devices, and only
-when torch's intra-op threads leave a core free for the worker (with every core busy, the worker
-only competes with them: measured, no faster).
+those of a run without it. It holds one release's noise between steps, so it is used only up to
+``PREFETCH_MAX_ELEMENTS`` entries, never with ``secure=True`` (which reseeds from OS entropy at
+each release) or on other devices, and only when torch's intra-op threads leave a core free for
+the worker (with every core busy, the worker only competes with them: measured, no faster).
 """
 
 from __future__ import annotations
