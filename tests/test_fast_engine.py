@@ -487,3 +487,89 @@ def test_conv_called_twice_adds_up_both_calls():
 
     torch.manual_seed(16)
     check(Twice(), torch.randn(4, 2, 6, 6), labels(4))
+
+
+@pytest.fixture
+def pixel_ghost(monkeypatch):
+    """Forces the pixel ghost norm onto every conv not kept by the small-layer budget (that
+    is, under ``check``'s zero budget); counts its calls."""
+    from dpmicroadam.privacy.fast import conv
+
+    monkeypatch.setattr(conv, "PIXEL_MARGIN", 0.0)
+    monkeypatch.setattr(conv, "KEEP_RATIO", 0.0)
+    calls = []
+    original = conv._pixel_stats
+
+    def counted(call, *args):
+        calls.append(call.weight.shape)
+        return original(call, *args)
+
+    monkeypatch.setattr(conv, "_pixel_stats", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=3, padding=1, groups=2, bias=False),
+        dict(kernel_size=(3, 2), dilation=2, padding="same", padding_mode="reflect"),
+        dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0)),
+        dict(kernel_size=1),
+    ],
+)
+def test_pixel_ghost_norm_conv2d(conv, pixel_ghost):
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Conv2d(4, 6, **conv), nn.Tanh(), Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, 4, 7, 6))
+    check(model, torch.randn(4, 4, 7, 6), labels(4))
+    assert pixel_ghost, "the pixel ghost norm never ran"
+
+
+def test_pixel_ghost_norm_conv1d_and_standardized_with_augmult(pixel_ghost):
+    torch.manual_seed(18)
+    ws = WSConv2d(4, 4, 3, stride=2, groups=2)
+    with torch.no_grad():
+        ws.weight[1] = 0.5  # a constant channel: the standardization's clamp is active
+    model = nn.Sequential(
+        WSConv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        ws,
+        nn.Tanh(),
+        Flatten(),
+        nn.LazyLinear(3),
+    )
+    model(torch.randn(1, 3, 8, 8))
+    check(model, torch.randn(3, 2, 3, 8, 8), labels(3), augmult=2)
+    assert {tuple(s) for s in pixel_ghost} == {(4, 3, 3, 3), (4, 2, 3, 3)}
+    pixel_ghost.clear()
+    model = nn.Sequential(
+        nn.Conv1d(4, 6, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv1d(6, 6, 3, groups=2, dilation=2, padding="same"),
+        Flatten(),
+        nn.LazyLinear(3),
+    )
+    model(torch.randn(1, 4, 11))
+    check(model, torch.randn(4, 2, 4, 11), labels(4), augmult=2)
+    assert len(pixel_ghost) == 2 * 3  # both layers, 3 clip norms, under the zero budget
+
+
+def test_pixel_ghost_norm_chosen_for_few_pixels_and_many_channels():
+    from dpmicroadam.privacy.fast.conv import ConvCall, norm_method
+
+    def method(channels, size, views=1, stride=1):
+        call = ConvCall.from_module(nn.Conv2d(channels, channels, 3, stride, padding=1))
+        out = (size - 1) // stride + 1
+        return norm_method(call, views * out * out, views * call.pixels((size, size)), channels)
+
+    # Late layers of wide ResNets: pixel ghost (measured 2-3x faster, see conv.PIXEL_MARGIN).
+    assert method(256, 8) == method(512, 7) == method(128, 16) == "pixel"
+    # Many pixels and few channels: instantiation; small spatial stride 2: the unfold ghost.
+    assert method(64, 32) == method(32, 8) == "instantiate"
+    assert method(128, 16, stride=2) == "ghost"
+    # Views multiply the pixels: the pixel Gram grows with their square.
+    assert method(256, 8, views=16) != "pixel"
+    # Several calls of one conv share no single input grid.
+    call = ConvCall.from_module(nn.Conv2d(256, 256, 3, padding=1))
+    assert norm_method(call, 2 * 64, None, 256) != "pixel"

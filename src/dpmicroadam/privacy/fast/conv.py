@@ -4,11 +4,14 @@ A convolution is a Linear layer over the unfolded input (im2col): each output po
 W_g · patch_t for each group g, so the per-example weight gradient is G_i = Σ_t e_{i,t} a_{i,t}ᵀ
 over positions t = K views × output pixels. Its squared norm is taken, per output channel,
 
-* by the ghost norm: ‖G_{i,o}‖² = Σ_{s,t} (a_s·a_t) e_{s,o} e_{t,o} (unfolded patches), or
+* by the ghost norm: ‖G_{i,o}‖² = Σ_{s,t} (a_s·a_t) e_{s,o} e_{t,o} (unfolded patches),
+* by the pixel ghost norm: the same sum, with the patch Gram matrix a_s·a_t = Σ_δ x_{s+δ}·x_{t+δ}
+  built from the Gram matrix of the (padded) input pixels, shifted by each kernel offset δ: no
+  unfold, and less work where the input has few pixels and many channels (late layers), or
 * by instantiation: G_i for all i at once by the native weight-gradient kernel run with one
   group per example (no unfold), then squared,
 
-whichever costs less for the layer's shape (:func:`.linear.use_ghost`). The clipped sum
+whichever costs least for the layer's shape (:func:`norm_method`). The clipped sum
 Σ_i c_i G_i is the native weight-gradient kernel on output gradients scaled by c_i, or a
 weighted sum of the instantiated G_i when they are kept: when keeping them costs no more memory
 than the inputs, or when they are small (the call's share of ``KEEP_SMALL_ELEMENTS``). A kept
@@ -17,7 +20,9 @@ layer is always instantiated: the weighted sum saves the second kernel the ghost
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from itertools import product
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,14 @@ from .owner import KEEP_RATIO, KeepBudget, Owner, chunks, weighted_sum
 # a time rather than by a single grouped call (measured on CPU: 3×3 convs with 128 or more
 # input channels).
 GROUPED_MAX_FAN_IN = 1024
+
+# The pixel ghost norm is chosen only when its counted cost is at most 1/PIXEL_MARGIN of the
+# cheaper other method: its shifted additions are memory-bound and the grouped instantiation
+# kernel runs well per flop (measured on CPU, 64 examples: a 256-channel 3x3 conv on 8x8 pixels
+# 33 -> 11 ms; a 128-channel one on 16x16, counted 1.6x cheaper, ran no faster). An addition
+# of the shifted Gram matrices is counted as PIXEL_ADD_COST multiply-adds.
+PIXEL_MARGIN = 1.5
+PIXEL_ADD_COST = 4
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
@@ -89,6 +102,16 @@ class ConvCall:
         elif padding != "valid":
             call.padding = _tuple(padding, dims)
         return spec["input"], call
+
+    def pixels(self, spatial, prepared: bool = True) -> int:
+        """Input pixels per example and call once padded: of a prepared input (``pre_pad``
+        applied) or, with ``prepared`` False, of the module's raw input."""
+        extra = [2 * p for p in self.padding]
+        if self.pre_pad and not prepared:
+            for d in range(self.dims):  # F.pad widths: (left, right) pairs, last dimension first
+                j = 2 * (self.dims - 1 - d)
+                extra[d] += self.pre_pad[j] + self.pre_pad[j + 1]
+        return math.prod(int(size) + e for size, e in zip(spatial, extra, strict=True))
 
     @property
     def fan_in(self) -> int:
@@ -151,6 +174,31 @@ class ConvCall:
         return self._backward(e, x, shape, n * self.groups).reshape(n, self.weight.shape[0], -1)
 
 
+def norm_method(call: ConvCall, positions: int, pixels: int | None, d_out: int) -> str:
+    """``"ghost"``, ``"pixel"`` or ``"instantiate"``: the cheapest way to the norms of a layer.
+
+    Args:
+        call: The convolution.
+        positions: T = K views × output pixels of all recorded calls, per example.
+        pixels: K views × padded input pixels when there is one recorded call (the pixel ghost
+            norm needs one input grid), else None.
+        d_out: Output channels per group.
+    """
+    d_in = call.fan_in
+    instantiate = positions * d_in * d_out
+    ghost = positions * positions * (d_in + d_out)
+    best = "ghost" if use_ghost(positions, d_in, d_out) else "instantiate"
+    if pixels is not None:
+        offsets = math.prod(call.weight.shape[2:])
+        channels = d_in // offsets
+        pixel = pixels * pixels * channels + positions * positions * (
+            PIXEL_ADD_COST * offsets + d_out
+        )
+        if PIXEL_MARGIN * pixel <= min(instantiate, ghost):
+            return "pixel"
+    return best
+
+
 def channel_stats(
     call: ConvCall,
     xs: list[torch.Tensor],
@@ -166,7 +214,7 @@ def channel_stats(
         call: The convolution.
         xs, es: Prepared inputs and output gradients of each recorded call, (b·k, ...) each.
         b, k: Examples and views.
-        keep: Instantiate G_i and keep them (else the cheaper of ghost norm and instantiation).
+        keep: Instantiate G_i and keep them (else the cheapest method, :func:`norm_method`).
         direction: Optional (P, D) rows v_o; adds ``dot`` = v_o·G_{i,o} (instantiation only).
 
     Returns:
@@ -176,15 +224,24 @@ def channel_stats(
     out_ch, d_in, groups = es[0].shape[1], call.fan_in, call.groups
     d_out = out_ch // groups
     positions = k * sum(e[0, 0].numel() for e in es)
-    ghost = not keep and use_ghost(positions, d_in, d_out)
+    pixels = k * call.pixels(xs[0].shape[2:]) if len(xs) == 1 else None
+    method = "instantiate" if keep else norm_method(call, positions, pixels, d_out)
+    ghost = method == "ghost"
     if ghost:
         per = groups * positions * (positions + 2 * d_in + 2 * d_out)
+    elif method == "pixel":
+        per = groups * (pixels * (pixels + 1) + positions * (positions + 2 * d_out))
     else:
         per = out_ch * d_in + k * (xs[0][0].numel() + es[0][0].numel())
     stats: dict[str, list] = {"sq": [], "total": []}
     kept = None
     for sl in chunks(b, per):
         n, rows = sl.stop - sl.start, slice(sl.start * k, sl.stop * k)
+        if method == "pixel":
+            sq, total = _pixel_stats(call, xs[0][rows], es[0][rows], n, k)
+            stats["sq"].append(sq)
+            stats["total"].append(total)
+            continue
         if ghost:
             a = _cat([call.unfold(x[rows], n, k) for x in xs], 2)
             o = _cat([call.out_rows(e[rows], n, k) for e in es], 2)
@@ -209,6 +266,48 @@ def channel_stats(
     if kept is not None:
         result["kept"] = kept
     return result
+
+
+def _pixel_stats(call: ConvCall, x: torch.Tensor, e: torch.Tensor, n: int, k: int):
+    """``(sq, total)``, each (n, P), by the pixel ghost norm (one recorded call, x prepared).
+
+    With x padded, the patch at output position t and kernel offset δ reads pixel
+    stride·t + dilation·δ, so the patch Gram matrix is Σ_δ of the pixel Gram matrix sliced at
+    those pixels (strided views, no gather), and a patch's sum is Σ_δ of the pixel sums.
+    """
+    if any(call.padding):
+        x = F.pad(x, [w for p in reversed(call.padding) for w in (p, p)])
+    kernel, stride, dilation = tuple(call.weight.shape[2:]), call.stride, call.dilation
+    if call.dims == 1:
+        x, e = x.unsqueeze(2), e.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    groups = call.groups
+    channels, (hp, wp), (ho, wo) = x.shape[1] // groups, x.shape[2:], e.shape[2:]
+    # All views' pixels of one example and group: (n, groups, channels, k·hp·wp).
+    pix = x.reshape(n, k, groups, channels, hp * wp).permute(0, 2, 3, 1, 4)
+    pix = pix.reshape(n, groups, channels, k * hp * wp)
+    grid = (n, groups, k, hp, wp)
+    pixel_gram = (pix.mT @ pix).view(*grid, k, hp, wp)
+    pixel_sums = pix.sum(2).view(grid)
+    gram = sums = None
+    for i, j in product(range(kernel[0]), range(kernel[1])):
+        r = slice(i * dilation[0], i * dilation[0] + stride[0] * (ho - 1) + 1, stride[0])
+        c = slice(j * dilation[1], j * dilation[1] + stride[1] * (wo - 1) + 1, stride[1])
+        block, part = pixel_gram[:, :, :, r, c, :, r, c], pixel_sums[..., r, c]
+        if gram is None:
+            gram = block.clone(memory_format=torch.contiguous_format)
+            sums = part.clone(memory_format=torch.contiguous_format)
+        else:
+            gram.add_(block)
+            sums.add_(part)
+    del pixel_gram
+    positions = k * ho * wo
+    gram = gram.view(n, groups, positions, positions)
+    o = call.out_rows(e, n, k)  # (n, groups, positions, P/groups)
+    out_ch = groups * o.shape[-1]
+    sq = ((gram @ o) * o).sum(2).reshape(n, out_ch)
+    total = (o * sums.view(n, groups, positions, 1)).sum(2).reshape(n, out_ch)
+    return sq, total
 
 
 def _total(parts) -> torch.Tensor:

@@ -27,9 +27,15 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .capture import make_record
-from .conv import ConvCall, ConvOwner, channel_stats, keep_grads, scaled_weight_grad
+from .conv import (
+    ConvCall,
+    ConvOwner,
+    channel_stats,
+    keep_grads,
+    norm_method,
+    scaled_weight_grad,
+)
 from .fallback import FallbackOwner
-from .linear import use_ghost
 from .owner import chunks, weighted_sum
 
 _CONV_FUNCS = {torch.conv1d: 1, torch.conv2d: 2, F.conv1d: 1, F.conv2d: 2}
@@ -125,9 +131,13 @@ class ReparamConvOwner(ConvOwner):
                 if out is output and x is (args[0] if args else kwargs.get("input")):
                     # The output is only needed by the ghost norm; holding it otherwise would
                     # keep alive a tensor autograd itself does not save.
-                    ghost = use_ghost(self.views * out[0, 0].numel(), call.fan_in,
-                                      out.shape[1] // call.groups)  # fmt: skip
-                    captured = (call, out if ghost else None, out._version)  # noqa: SLF001
+                    method = norm_method(
+                        call, self.views * out[0, 0].numel(),
+                        self.views * call.pixels(x.shape[2:], prepared=False),
+                        out.shape[1] // call.groups,
+                    )  # fmt: skip
+                    held = None if method == "instantiate" else out
+                    captured = (call, held, out._version)  # noqa: SLF001
             self.records.append(make_record(args, kwargs, output, extra=captured))
 
         return [
