@@ -181,14 +181,26 @@ def test_weight_standardized_conv_with_augmult():
     check(model, torch.randn(3, 2, 3, 8, 8), labels(3), augmult=2)
 
 
-def test_embedding_layernorm_with_padding_idx():
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_embedding_layernorm_with_padding_idx(chunk, monkeypatch):
+    from dpmicroadam.privacy.fast import small
+
+    if chunk is not None:
+        monkeypatch.setattr(small, "NORM_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(6)
     model = nn.Sequential(nn.Embedding(7, 5, padding_idx=0), nn.LayerNorm(5), nn.Linear(5, 3))
     tokens = torch.randint(0, 7, (6, 9))
     check(model, tokens, labels(6), loss_fn=seq_ce)
 
 
-def test_groupnorm_and_frozen_layers_with_augmult():
+@pytest.mark.parametrize("chunk", [None, 1, 2 * 3 * 4 * 4 * 4])
+def test_groupnorm_and_frozen_layers_with_augmult(chunk, monkeypatch):
+    # chunk: the normalized input is formed one example (3 views) at a time, or two at a time
+    # (the last chunk of 4 examples then holds two as well).
+    from dpmicroadam.privacy.fast import small
+
+    if chunk is not None:
+        monkeypatch.setattr(small, "NORM_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(7)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3),

@@ -40,9 +40,10 @@ class KeepBudget:
         return True
 
 
-def chunks(b: int, per_example: int):
-    """Yields slices over ``b`` examples so that each chunk holds about CHUNK_ELEMENTS entries."""
-    size = max(1, CHUNK_ELEMENTS // max(1, per_example))
+def chunks(b: int, per_example: int, elements: int | None = None):
+    """Yields slices over ``b`` examples so that each chunk holds about ``elements`` entries
+    (default CHUNK_ELEMENTS)."""
+    size = max(1, (elements or CHUNK_ELEMENTS) // max(1, per_example))
     for start in range(0, b, size):
         yield slice(start, min(b, start + size))
 
