@@ -585,3 +585,39 @@ def test_pixel_ghost_norm_chosen_for_few_pixels_and_many_channels():
     # Several calls of one conv share no single input grid.
     call = ConvCall.from_module(nn.Conv2d(256, 256, 3, padding=1))
     assert norm_method(call, 2 * 64, None, 256) != "pixel"
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, stride=2, dilation=(2, 1), padding=1),
+        dict(kernel_size=(4, 3), stride=(1, 2), padding=(2, 1), padding_mode="reflect"),
+        dict(kernel_size=8, stride=2, padding=3, bias=False),
+    ],
+)
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_single_input_channel_conv_by_forward_convolution(conv, augmult, monkeypatch):
+    """One input channel: per-example gradients by a forward conv with the output gradients as
+    kernels (stride and dilation swapped), views as its input channels."""
+    from dpmicroadam.privacy.fast import conv as rules
+
+    calls = []
+    original = rules.ConvCall._single_channel
+
+    def counted(self, *args):
+        calls.append(self.weight.shape)
+        return original(self, *args)
+
+    monkeypatch.setattr(rules.ConvCall, "_single_channel", counted)
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Conv2d(1, 3, **conv), nn.Tanh(), Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, 1, 13, 11))
+    shape = (4, augmult, 1, 13, 11) if augmult > 1 else (4, 1, 13, 11)
+    check(model, torch.randn(shape), labels(4), augmult=augmult)
+    assert calls and all(s[1] == 1 for s in calls)
+    calls.clear()
+    wave = nn.Sequential(nn.Conv1d(1, 4, 5, stride=3, padding=2, dilation=2), Flatten())
+    wave.append(nn.LazyLinear(3))
+    wave(torch.randn(1, 1, 20))
+    check(wave, torch.randn(4, 1, 20), labels(4))
+    assert calls

@@ -157,8 +157,11 @@ class ConvCall:
         """Per-example weight gradients (n, P, D), views summed over each example's k rows.
 
         One grouped kernel call (a group per example) for small fan-ins; for wide layers, where
-        the grouped kernel runs far slower per flop on CPU, one ordinary call per example.
+        the grouped kernel runs far slower per flop on CPU, one ordinary call per example; for
+        one input channel, a forward convolution (:meth:`_single_channel`).
         """
+        if self.groups == 1 and self.weight.shape[1] == 1:
+            return self._single_channel(x, e, n, k)
         if self.fan_in >= GROUPED_MAX_FAN_IN:
             out = x.new_empty((n, self.weight.shape[0], self.fan_in))
             for i in range(n):
@@ -172,6 +175,27 @@ class ConvCall:
         e = e.reshape(k, n * e.shape[-self.dims - 1], *e.shape[-self.dims :])
         shape = (n * self.weight.shape[0], *self.weight.shape[1:])
         return self._backward(e, x, shape, n * self.groups).reshape(n, self.weight.shape[0], -1)
+
+    def _single_channel(self, x: torch.Tensor, e: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """Per-example weight gradients of a conv with one input channel, (n, P, kernel).
+
+        G_{i,o}[δ] = Σ_{views, t} e_{i,o}[t] · x_i[stride·t + dilation·δ] is a forward
+        convolution of the padded input, an example's views as its channels, with the output
+        gradients as kernels: stride and dilation swap roles, one group per example. On the tanh
+        CNN's first layer (1→16, 8x8, stride 2; 64 examples) 0.93 ms against 1.29 ms for the
+        grouped weight-gradient kernel (ad hoc, 1 thread).
+        """
+        if any(self.padding):
+            x = F.pad(x, [w for p in reversed(self.padding) for w in (p, p)])
+        out_ch, spatial = e.shape[1], e.shape[2:]
+        kernels = e.reshape(n, k, out_ch, *spatial).transpose(1, 2).reshape(n * out_ch, k, *spatial)
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        g = conv(
+            x.reshape(1, n * k, *x.shape[2:]), kernels, stride=self.dilation,
+            dilation=self.stride, groups=n,
+        )  # fmt: skip
+        index = (0, slice(None), *(slice(0, size) for size in self.weight.shape[2:]))
+        return g[index].reshape(n, out_ch, -1)
 
 
 def norm_method(call: ConvCall, positions: int, pixels: int | None, d_out: int) -> str:
