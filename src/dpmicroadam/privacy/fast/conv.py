@@ -37,10 +37,12 @@ from .owner import KEEP_RATIO, KeepBudget, Owner, chunks, weighted_sum
 GROUPED_MAX_FAN_IN = 1024
 
 # The pixel ghost norm is chosen only when its counted cost is at most 1/PIXEL_MARGIN of the
-# cheaper other method: its shifted additions are memory-bound and the grouped instantiation
-# kernel runs well per flop (measured on CPU, 64 examples: a 256-channel 3x3 conv on 8x8 pixels
-# 33 -> 11 ms; a 128-channel one on 16x16, counted 1.6x cheaper, ran no faster). An addition
-# of the shifted Gram matrices is counted as PIXEL_ADD_COST multiply-adds.
+# cheaper other method: its shifted additions are memory-bound, and on small layers its fixed
+# costs dominate. An addition of the shifted Gram matrices is counted as PIXEL_ADD_COST
+# multiply-adds. Measured on CPU (1 thread, 64 examples, channel_stats): 3x3 convs with 256
+# channels on 8x8 pixels 33.7 -> 11.5 ms, 128 on 16x16 (counted 1.56x cheaper) 64 -> 50 ms,
+# 512 on 4x4 (1.63x) 11.8 -> 4.4 ms; 32 on 8x8 (counted equal) 1.2 ms instantiated, 3.1 ms
+# as pixels.
 PIXEL_MARGIN = 1.5
 PIXEL_ADD_COST = 4
 

@@ -129,8 +129,8 @@ class ReparamConvOwner(ConvOwner):
                 dims, c_args, c_kwargs, out = mode.calls[0]
                 x, call = ConvCall.from_args(dims, c_args, c_kwargs)
                 if out is output and x is (args[0] if args else kwargs.get("input")):
-                    # The output is only needed by the ghost norm; holding it otherwise would
-                    # keep alive a tensor autograd itself does not save.
+                    # The output is only needed by the (pixel) ghost norm; holding it otherwise
+                    # would keep alive a tensor autograd itself does not save.
                     method = norm_method(
                         call, self.views * out[0, 0].numel(),
                         self.views * call.pixels(x.shape[2:], prepared=False),
