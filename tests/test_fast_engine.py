@@ -621,3 +621,29 @@ def test_single_input_channel_conv_by_forward_convolution(conv, augmult, monkeyp
     wave(torch.randn(1, 1, 20))
     check(wave, torch.randn(4, 1, 20), labels(4))
     assert calls
+
+
+def test_pixel_ghost_norm_picked_by_cost_float32_matches_float64(monkeypatch):
+    """A 64-channel 3x3 conv on 8x8 pixels, not kept: the cost rule itself takes the pixel
+    ghost norm (no forcing), and in float32 its norms and sums match float64 (plain and
+    weight-standardized)."""
+    from dpmicroadam.privacy.fast import conv
+
+    calls = []
+    original = conv._pixel_stats
+    monkeypatch.setattr(conv, "_pixel_stats", lambda c, *a: calls.append(1) or original(c, *a))
+    torch.manual_seed(20)
+    for first in (nn.Conv2d(64, 64, 3, padding=1), WSConv2d(64, 64, 3, padding=1)):
+        model = nn.Sequential(first, nn.Tanh(), Flatten(), nn.Linear(64 * 64, 10))
+        x, y = torch.randn(8, 64, 8, 8), labels(8, 10)
+        results = []
+        for dtype in (torch.float32, torch.float64):
+            engine = FastEngine(model.to(dtype), ce)
+            engine.keep_small_elements = 0
+            calls.clear()
+            results.append(engine.clipped_sum(x.to(dtype), y, 1.0))
+            assert calls == [1]
+        (sums32, norms32), (sums64, norms64) = results
+        torch.testing.assert_close(norms32.double(), norms64, rtol=1e-5, atol=1e-6)
+        for a, b in zip(sums32, sums64):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
