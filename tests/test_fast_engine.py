@@ -137,8 +137,8 @@ def test_linear_3d_ghost_and_instantiated():
     )
 
 
-def test_conv1d():
-    torch.manual_seed(3)
+def conv1d_net():
+    """Two Conv1d layers (stride and padding; groups, dilation and "same"), then a head."""
     model = nn.Sequential(
         nn.Conv1d(4, 6, 3, stride=2, padding=1),
         nn.Tanh(),
@@ -147,7 +147,12 @@ def test_conv1d():
         nn.LazyLinear(3),
     )
     model(torch.randn(1, 4, 11))
-    check(model, torch.randn(4, 4, 11), labels(4))
+    return model
+
+
+def test_conv1d():
+    torch.manual_seed(3)
+    check(conv1d_net(), torch.randn(4, 4, 11), labels(4))
 
 
 @pytest.mark.parametrize(
@@ -555,15 +560,7 @@ def test_pixel_ghost_norm_conv1d_and_standardized_with_augmult(pixel_ghost):
     check(model, torch.randn(3, 2, 3, 8, 8), labels(3), augmult=2)
     assert {tuple(s) for s in pixel_ghost} == {(4, 3, 3, 3), (4, 2, 3, 3)}
     pixel_ghost.clear()
-    model = nn.Sequential(
-        nn.Conv1d(4, 6, 3, stride=2, padding=1),
-        nn.Tanh(),
-        nn.Conv1d(6, 6, 3, groups=2, dilation=2, padding="same"),
-        Flatten(),
-        nn.LazyLinear(3),
-    )
-    model(torch.randn(1, 4, 11))
-    check(model, torch.randn(4, 2, 4, 11), labels(4), augmult=2)
+    check(conv1d_net(), torch.randn(4, 2, 4, 11), labels(4), augmult=2)
     assert len(pixel_ghost) == 2 * 3  # both layers, 3 clip norms, under the zero budget
 
 
