@@ -644,3 +644,31 @@ def test_pixel_ghost_norm_picked_by_cost_float32_matches_float64(monkeypatch):
         torch.testing.assert_close(norms32.double(), norms64, rtol=1e-5, atol=1e-6)
         for a, b in zip(sums32, sums64):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+class PerExampleCalls(nn.Module):
+    """Calls its first layer once per example, on that example's unbatched tensor."""
+
+    def __init__(self, first, width):
+        super().__init__()
+        self.first = first
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(torch.stack([self.first(xi) for xi in x]).flatten(1))
+
+
+@pytest.mark.parametrize("first", ["ws", "scale"])
+def test_fallback_refuses_calls_without_a_batched_input(first):
+    """Unbatched calls (one per example) of a module the fallback handles: its output's first
+    size (here 4 channels) equals the batch of 4, so splitting it as rows gave wrong norms
+    silently (54 % off for the standardized conv); now a clear error."""
+    torch.manual_seed(21)
+    if first == "ws":
+        layer, x = WSConv2d(3, 4, 3, padding=1), torch.randn(4, 3, 5, 5)
+    else:
+        layer, x = Scale(3), torch.randn(4, 3)
+    model = PerExampleCalls(layer, layer(x[0]).numel()).double()
+    engine = FastEngine(model, ce)
+    with pytest.raises(ValueError, match="'first' was called without a tensor input whose first"):
+        engine.clipped_sum(x.double(), labels(4), 1.0)

@@ -51,9 +51,19 @@ class FallbackOwner(Owner):
             return 0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
 
         inputs = (record.args, record.kwargs)
+        if not any(dim_of(t) == 0 for t in tree_flatten(inputs)[0]):
+            # Each example's rows of the output must come from that example's rows of an
+            # input; otherwise (a call on one example's unbatched tensors, say) row i of the
+            # output is not example i, and splitting it as if it were would give wrong norms
+            # silently (when the output's first size happens to equal the batch).
+            raise ValueError(
+                f"module {self.name!r} was called without a tensor input whose first dimension "
+                f"is the batch of {n} rows (per-example or unbatched calls); the fast engine "
+                "needs batch-first inputs and outputs in every layer: use engine='vmap'"
+            )
         batched = tree_map(split, inputs)
         in_dims = tree_map(dim_of, inputs)
-        out_grads = [g.reshape(b, k, *g.shape[1:]) for g in record.grads]
+        out_grads = [self.rows(g, n).reshape(b, k, *g.shape[1:]) for g in record.grads]
 
         def inner(params, example, e):
             args, kwargs = example

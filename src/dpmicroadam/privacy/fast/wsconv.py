@@ -131,9 +131,13 @@ class ReparamConvOwner(ConvOwner):
                 if out is output and x is (args[0] if args else kwargs.get("input")):
                     # The output is only needed by the (pixel) ghost norm; holding it otherwise
                     # would keep alive a tensor autograd itself does not save.
+                    # An unbatched call (no batch dimension) has no pixel grid per example;
+                    # sq_norms sends such a module to the fallback.
+                    batched = x.dim() == call.dims + 2
+                    pixels = call.pixels(x.shape[2:], prepared=False) if batched else None
                     method = norm_method(
                         call, self.views * out[0, 0].numel(),
-                        self.views * call.pixels(x.shape[2:], prepared=False),
+                        None if pixels is None else self.views * pixels,
                         out.shape[1] // call.groups,
                     )  # fmt: skip
                     held = None if method == "instantiate" else out
