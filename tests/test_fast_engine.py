@@ -450,6 +450,7 @@ def test_small_conv_layers_are_kept_within_the_calls_budget(monkeypatch):
         calls.update(per_example=0, unfold=0, weight_grad=0)
         engine = FastEngine(model.double(), ce)
         engine.keep_small_elements = budget
+        engine.verify = False  # its own engine call would add to the counts
         x = torch.randn(b, 16, 13, 13, dtype=torch.float64)
         sums, norms = engine.clipped_sum(x, labels(b), 0.5)
         ref_sums, ref_norms = reference(engine.model, ce, x, labels(b), 0.5, 1, engine.params)
@@ -637,6 +638,7 @@ def test_pixel_ghost_norm_picked_by_cost_float32_matches_float64(monkeypatch):
         for dtype in (torch.float32, torch.float64):
             engine = FastEngine(model.to(dtype), ce)
             engine.keep_small_elements = 0
+            engine.verify = False  # its own engine call would add to the count
             calls.clear()
             results.append(engine.clipped_sum(x.to(dtype), y, 1.0))
             assert calls == [1]
@@ -672,3 +674,53 @@ def test_fallback_refuses_calls_without_a_batched_input(first):
     engine = FastEngine(model, ce)
     with pytest.raises(ValueError, match="'first' was called without a tensor input whose first"):
         engine.clipped_sum(x.double(), labels(4), 1.0)
+
+
+@pytest.mark.parametrize("examples", [3, 4])
+@pytest.mark.parametrize("first", ["embedding", "scale"])
+def test_first_call_catches_layers_that_are_not_batch_first(first, examples):
+    """Per-example calls whose unbatched size equals the batch pass every shape check (an
+    Embedding on 4 tokens, a fallback module on 4 features, batch 4), and the engine's norms
+    were wrong without a word; the first call's check now raises. On 3 examples the shapes no
+    longer line up and the engine's own checks fail; on 4 they do, and the norms against each
+    example's own backward pass differ."""
+    torch.manual_seed(22)
+    if first == "embedding":
+        layer, x = nn.Embedding(10, 4), torch.randint(0, 10, (4, 4))
+    else:
+        layer, x = Scale(4), torch.randn(4, 4).double()
+    model = PerExampleCalls(layer, layer(x[0]).numel()).double()
+    engine = FastEngine(model, ce)
+    engine.verify = False
+    _, norms = engine.clipped_sum(x, labels(4), 1.0)
+    _, ref_norms = reference(model, ce, x, labels(4), 1.0, 1, engine.params)
+    assert not torch.allclose(norms, ref_norms, rtol=1e-4)  # what went through unchecked
+    engine = FastEngine(model, ce)
+    engine.verify_examples = examples
+    match = "whose first dimension" if examples == 3 else "differs from its own backward pass"
+    with pytest.raises(ValueError, match=f"{match}.*some layer does not see batch-first"):
+        engine.clipped_sum(x, labels(4), 1.0)
+    assert not engine._verified
+
+
+def test_first_call_check_passes_once_restores_modes_and_leaves_rng_and_grads():
+    torch.manual_seed(23)
+    model = nn.Sequential(
+        WSConv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Dropout(0.5), nn.ReLU(),
+        Flatten(), nn.Linear(4 * 36, 3),
+    )  # fmt: skip
+    model[1].eval()  # a mixed mode, restored as it was
+    engine = FastEngine(model, ce)
+    calls = []
+    original = engine.verify_batch_first
+    engine.verify_batch_first = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    x, y = torch.randn(5, 2, 3, 6, 6), labels(5)
+    engine.clipped_sum(x, y, 1.0, augmult=2)
+    assert calls == [3] and engine._verified
+    assert model.training and model[2].training and not model[1].training
+    state = torch.get_rng_state()
+    original(x[:3], y[:3], 2)  # in eval mode: dropout draws nothing
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    engine.clipped_sum(x, y, 1.0, augmult=2)
+    assert calls == [3]  # once per engine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,7 +35,10 @@ class FastEngine:
     no trainable parameter reaches the loss outside its module's forward, and raises otherwise.
 
     Assumptions the caller must meet: every layer sees batch-first tensors (row r of a layer's
-    input belongs to example r // K); the model does not mix examples (no BatchNorm).
+    input belongs to example r // K); the model does not mix examples (no BatchNorm). The first
+    call that succeeds checks the first assumption where shapes cannot: the engine's norms of the
+    call's first ``verify_examples`` examples, as a batch of their own with the model in eval
+    mode, against each example's own backward pass (:meth:`verify_batch_first`).
 
     Args:
         model: The network; its modules must not be hooked by another per-sample library.
@@ -51,6 +55,10 @@ class FastEngine:
     # Per-example gradient entries small conv layers may keep per call beyond the memory rule
     # (see .owner.KEEP_SMALL_ELEMENTS); 0 restores the plain rule (the tests run both).
     keep_small_elements = KEEP_SMALL_ELEMENTS
+    # The first successful call's check of the batch-first layout (see verify_batch_first):
+    # on, and how many examples it takes.
+    verify = True
+    verify_examples = 3
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, params: Sequence[nn.Parameter] | None = None
@@ -69,6 +77,7 @@ class FastEngine:
         index = {id(p): j for j, p in enumerate(self.params)}
         self._slots = [[index[id(p)] for _, p in o.params] for o in self._owners]
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._verified = False
 
     def clipped_sum(
         self, inputs: torch.Tensor, targets: torch.Tensor, clip_norm: float, augmult: int = 1
@@ -87,6 +96,69 @@ class FastEngine:
         Raises:
             ValueError: on bad shapes or arguments, on a parameter used outside its module.
         """
+        result = self._clipped_sum(inputs, targets, clip_norm, augmult)
+        if self.verify and not self._verified and targets.shape[0] > 0 and self.params:
+            self.verify_batch_first(
+                inputs[: self.verify_examples], targets[: self.verify_examples], augmult
+            )
+        return result
+
+    def verify_batch_first(
+        self, inputs: torch.Tensor, targets: torch.Tensor, augmult: int = 1
+    ) -> None:
+        """Checks this engine's per-example norms against each example's own backward pass.
+
+        A layer whose tensors are not batch-first (a model that calls it on each example's
+        unbatched tensor, a sequence-first layout) whose sizes happen to pass the shape checks
+        would otherwise give wrong norms, so wrong clipping, without a word. The model runs in
+        eval mode here (dropout draws nothing; its modes are restored), and ``p.grad`` and the
+        random number generators are not touched. Passing once marks the engine verified.
+
+        Raises:
+            ValueError: naming the first example whose norms differ, or the error the engine
+                raised on these examples.
+        """
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            try:
+                _, norms = self._clipped_sum(inputs, targets, math.inf, augmult)
+            except (ValueError, RuntimeError) as err:
+                raise ValueError(
+                    f"the fast engine failed on {targets.shape[0]} of the examples it had just "
+                    f"processed ({err}): some layer does not see batch-first tensors; use "
+                    "engine='vmap'"
+                ) from err
+            direct = torch.stack([self._direct_norm(inputs[i], targets[i], augmult)
+                                  for i in range(targets.shape[0])])  # fmt: skip
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        # Relative to each norm and to the largest one (a near-zero gradient's norm is formed
+        # from sums of much larger terms); a layout error is off by a few percent or more.
+        rtol = 3e-2 if norms.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        scale = direct.abs() + direct.abs().max()
+        bad = ((norms - direct).abs() > rtol * scale).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"the fast engine's gradient norm of example {i} ({float(norms[i]):.6g}) differs "
+                f"from its own backward pass ({float(direct[i]):.6g}): some layer does not see "
+                "batch-first tensors (a model that loops over its examples, a sequence-first "
+                "layout whose length equals the batch); use engine='vmap'"
+            )
+        self._verified = True
+
+    def _direct_norm(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """‖g‖ of one example from its own forward and backward pass (its K views averaged)."""
+        with torch.enable_grad():
+            batch = x if k > 1 else x.unsqueeze(0)
+            loss = self.loss_fn(self.model(batch), y.reshape(1).repeat(k)).sum() / k
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        total = sum(g.detach().double().square().sum() for g in grads if g is not None)
+        return torch.as_tensor(total, dtype=torch.float64).sqrt().to(loss.dtype)
+
+    def _clipped_sum(self, inputs, targets, clip_norm, augmult):
         b, k, flat, rep = _flatten(inputs, targets, clip_norm, augmult)
         handles = []
         budget = KeepBudget(self.keep_small_elements)
