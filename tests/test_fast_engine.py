@@ -27,7 +27,7 @@ def reference(model, loss_fn, inputs, targets, clip_norm, augmult, params):
     norms = []
     for i in range(targets.shape[0]):
         x = inputs[i] if augmult > 1 else inputs[i : i + 1]
-        t = targets[i : i + 1].repeat(augmult)
+        t = targets[i : i + 1].repeat_interleave(augmult, 0)
         loss = loss_fn(model(x), t).sum() / augmult
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
@@ -724,3 +724,20 @@ def test_first_call_check_passes_once_restores_modes_and_leaves_rng_and_grads():
     assert all(p.grad is None for p in model.parameters())
     engine.clipped_sum(x, y, 1.0, augmult=2)
     assert calls == [3]  # once per engine
+
+
+def test_first_call_check_with_per_position_targets_and_views():
+    """Targets of shape (b, L) (one label per position) with K views: the check's own backward
+    pass repeats each example's target rows as the engine does, and passes."""
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def per_position_ce(outputs, targets):  # outputs (N, L, 3), targets (N, L)
+        return F.cross_entropy(outputs.mT, targets, reduction="none").mean(1)
+
+    engine = FastEngine(model.double(), per_position_ce)
+    x, y = torch.randn(4, 2, 6, 5, dtype=torch.float64), torch.randint(0, 3, (4, 6))
+    sums, norms = engine.clipped_sum(x, y, 0.5, augmult=2)
+    assert engine._verified
+    _, ref_norms = reference(model, per_position_ce, x, y, 0.5, 2, engine.params)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-9, atol=1e-12)

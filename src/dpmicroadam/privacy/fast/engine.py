@@ -153,7 +153,8 @@ class FastEngine:
         """‖g‖ of one example from its own forward and backward pass (its K views averaged)."""
         with torch.enable_grad():
             batch = x if k > 1 else x.unsqueeze(0)
-            loss = self.loss_fn(self.model(batch), y.reshape(1).repeat(k)).sum() / k
+            target = y.unsqueeze(0).repeat_interleave(k, 0)  # as _flatten repeats rows
+            loss = self.loss_fn(self.model(batch), target).sum() / k
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         total = sum(g.detach().double().square().sum() for g in grads if g is not None)
         return torch.as_tensor(total, dtype=torch.float64).sqrt().to(loss.dtype)
