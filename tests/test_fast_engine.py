@@ -517,13 +517,13 @@ def pixel_ghost(monkeypatch):
     monkeypatch.setattr(conv, "PIXEL_MARGIN", 0.0)
     monkeypatch.setattr(conv, "KEEP_RATIO", 0.0)
     calls = []
-    original = conv._pixel_stats
+    original = conv._pixel_gram
 
     def counted(call, *args):
         calls.append(call.weight.shape)
         return original(call, *args)
 
-    monkeypatch.setattr(conv, "_pixel_stats", counted)
+    monkeypatch.setattr(conv, "_pixel_gram", counted)
     return calls
 
 
@@ -629,8 +629,8 @@ def test_pixel_ghost_norm_picked_by_cost_float32_matches_float64(monkeypatch):
     from dpmicroadam.privacy.fast import conv
 
     calls = []
-    original = conv._pixel_stats
-    monkeypatch.setattr(conv, "_pixel_stats", lambda c, *a: calls.append(1) or original(c, *a))
+    original = conv._pixel_gram
+    monkeypatch.setattr(conv, "_pixel_gram", lambda c, *a: calls.append(1) or original(c, *a))
     torch.manual_seed(20)
     for first in (nn.Conv2d(64, 64, 3, padding=1), WSConv2d(64, 64, 3, padding=1)):
         model = nn.Sequential(first, nn.Tanh(), Flatten(), nn.Linear(64 * 64, 10))
