@@ -102,6 +102,30 @@ def test_pld_is_accurate_upper_bound(sigma: float, q: float, steps: int, interva
     assert ours == pytest.approx(reference, rel=2e-3)
 
 
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps", "interval"),
+    [(1.0, 0.01, 1, 1e-3), (1.0, 64 / 1800, 50, 5e-4), (0.6, 0.2, 300, 2e-3)],
+)
+def test_pld_at_equals_pld_accountant_and_its_cache_is_not_mutated(
+    sigma: float, q: float, steps: int, interval: float
+) -> None:
+    """The cached one-step PLD gives PLDAccountant's ε exactly, before and after reuse."""
+    from dpmicroadam.accounting.epsilon import _pld_at, _pld_step, dp_event
+
+    def reference(t: int) -> float:
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
+        acc.compose(dp_event(sigma, q, t))
+        return float(acc.get_epsilon(1e-5))
+
+    _pld_step.cache_clear()
+    first = _pld_at(sigma, q, steps, 1e-5, interval)
+    assert first == reference(steps)
+    other = _pld_at(sigma, q, 2 * steps + 1, 1e-5, interval)  # reuses the cached step
+    assert _pld_step.cache_info().hits >= 1
+    assert other == reference(2 * steps + 1) and other > first
+    assert _pld_at(sigma, q, steps, 1e-5, interval) == first
+
+
 # ---------------------------------------------------------------- shape of ε
 
 
