@@ -123,7 +123,9 @@ def _epsilon(sigma: float, q: float, steps: int, delta: float, kind: str) -> flo
 
 
 @functools.lru_cache(maxsize=32)
-def _pld_step(sigma: float, q: float, interval: float) -> privacy_loss_distribution.PrivacyLossDistribution:
+def _pld_step(
+    sigma: float, q: float, interval: float
+) -> privacy_loss_distribution.PrivacyLossDistribution:
     """The PLD of one Poisson-subsampled Gaussian step (pessimistic, add-or-remove-one).
 
     Building it walks the whole discretization grid in Python (about 2/3 of a PLD ε), and it
