@@ -16,6 +16,7 @@ them.
 
     python benchmarks/bench_cli.py                       # mlp, cnn, wrn16-4; 21 steps; batch 64
     python benchmarks/bench_cli.py --models mlp --repeats 5
+    python benchmarks/bench_cli.py --models cnn --dataset fashion-mnist
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def make_data(folder: Path, shape: tuple[int, ...], n_train: int, n_test: int) -
     return path
 
 
-def time_run(data: Path, model: str, optimizer: str, steps: int, args, out: Path) -> float:
+def time_run(dataset: str, model: str, optimizer: str, steps: int, args, out: Path) -> float:
     argv = [
-        sys.executable, "-m", "dpmicroadam", "train", "--dataset", f"npz:{data}",
+        sys.executable, "-m", "dpmicroadam", "train", "--dataset", dataset,
         "--model", model, "--optimizer", optimizer, "--steps", str(steps),
         "--batch-size", str(args.batch_size),
         "--lr", "0.1", "--val-fraction", "0.1", "--no-progress", "--json", "--out", str(out),
@@ -103,6 +104,10 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--out", help="append the JSON rows to this file")
     parser.add_argument("--subprocess", action="store_true", help="a fresh process per run")
+    parser.add_argument(
+        "--dataset",
+        help="a dataset `train` knows (e.g. fashion-mnist) instead of the random npz data",
+    )
     args = parser.parse_args()
     if not args.subprocess:
         import torch
@@ -111,7 +116,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for model in args.models:
-            data = make_data(folder, SHAPES[model], args.train_size, args.test_size)
+            if args.dataset:
+                data = args.dataset
+            else:
+                npz = make_data(folder, SHAPES[model], args.train_size, args.test_size)
+                data = f"npz:{npz}"
             per_step: dict[str, list[float]] = {"dp-sgd": [], "sgd": []}
             for optimizer in ("dp-sgd", "sgd"):  # warm-up: caches, lazy imports
                 time_run(data, model, optimizer, 2, args, folder / f"warm-{model}-{optimizer}")
@@ -127,6 +136,7 @@ def main() -> None:
                 "bench": "cli",
                 "commit": _commit(),
                 "model": model,
+                "dataset": args.dataset or "random npz",
                 "batch_size": args.batch_size,
                 "steps": args.steps,
                 "threads": args.threads,

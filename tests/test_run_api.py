@@ -171,3 +171,39 @@ def test_fashion_mnist_microadam_default_eps_is_noise_relative():
     assert (
         resolve_config({"dataset": "fashion-mnist", "optimizer": "dp-adam"}).adam_eps_noise is None
     )
+
+
+def test_image_layout_is_channels_last_with_the_same_values():
+    from dpmicroadam.train.run import image_layout
+
+    for shape in [(5, 1, 6, 7), (4, 3, 5, 5), (2, 3, 1, 4, 4), (2, 2, 3, 4, 5)]:
+        x = torch.randn(shape)
+        assert x.stride(-3) != 1  # NCHW strides, even with one channel
+        y = image_layout(x)
+        assert y.stride(-3) == 1
+        if y.dim() == 4:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y, x)
+        assert image_layout(y) is y  # already channels-last: untouched
+    for other in [torch.randn(5, 7), torch.randint(0, 9, (2, 3, 4, 4)), torch.randn(2, 3, 4)]:
+        assert image_layout(other) is other
+
+
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_run_holds_and_steps_image_batches_channels_last(tmp_path, augmult):
+    """(N, H, W) arrays load with NCHW strides; the run holds them (and augmented views)
+    channels-last, so the convolutions and pooling run their fast CPU kernels."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(300, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, size=300)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x[:240], y_train=y[:240], x_test=x[240:], y_test=y[240:])
+    cfg = {**FAST, "dataset": f"npz:{path}", "model": "cnn", "batch_size": 32, "steps": 1}
+    run = Run(resolve_config({**cfg, "augmult": augmult, "out": str(tmp_path / "r")}))
+    for held in (run.x_train, run.x_val, run.x_test):
+        assert held.stride(1) == 1
+    batch, _ = run._batch()
+    assert batch.stride(-3) == 1 and batch.shape[-3:] == (1, 28, 28)
+    assert torch.equal(run.x_train, run.task.x_train)  # values untouched

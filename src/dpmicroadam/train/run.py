@@ -91,9 +91,18 @@ class Run:
         task = self.hooks.build_task(self)
         task.check()
         self.task = task
-        self.x_train, self.y_train = task.x_train.to(self.device), task.y_train.to(self.device)
-        self.x_val, self.y_val = task.x_val.to(self.device), task.y_val.to(self.device)
-        self.x_test, self.y_test = task.x_test.to(self.device), task.y_test.to(self.device)
+        self.x_train, self.y_train = (
+            image_layout(task.x_train.to(self.device)),
+            task.y_train.to(self.device),
+        )
+        self.x_val, self.y_val = (
+            image_layout(task.x_val.to(self.device)),
+            task.y_val.to(self.device),
+        )
+        self.x_test, self.y_test = (
+            image_layout(task.x_test.to(self.device)),
+            task.y_test.to(self.device),
+        )
         model = task.model.to(self.device)
         self.n = int(self.x_train.shape[0])
         if cfg.batch_size > self.n:
@@ -231,7 +240,7 @@ class Run:
             # the views equal the one-process run's); then each rank keeps its share.
             x = augment_views(x.cpu(), cfg.augmult, self.state.augment_rng, pad=pad, flip=flip)
             share = share.to(self.device)
-            x, y = x.to(self.device)[share], y[share]
+            x, y = image_layout(x.to(self.device)[share]), y[share]
         return x, y
 
     def step(self) -> dict[str, float]:
@@ -401,3 +410,21 @@ def _default_out(cfg: TrainConfig) -> str:
 
 def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
+
+
+def image_layout(x: torch.Tensor) -> torch.Tensor:
+    """Image tensors (N, C, H, W), or (N, K, C, H, W) augmented views, channels-last; other
+    tensors as they are.
+
+    Convolutions and pooling run in the layout of their input, and on CPU the channels-last
+    kernels are the fast ones: the tanh CNN's step on 28x28 images took 5.8 ms against 11.5 ms
+    (``max_pool2d`` alone 0.3 against 2 ms), the 32x32 tanh CNN's 202 against 238 ms, and
+    WRN-16-4's the same (1 thread, 64 examples, non-private). The values are unchanged; only
+    their order in memory is (with one channel, not even that: only the strides, which decide
+    the kernels).
+    """
+    if x.dim() not in (4, 5) or not x.is_floating_point() or x.stride(-3) == 1:
+        return x
+    *lead, c, h, w = x.shape
+    out = torch.empty((*lead, h, w, c), dtype=x.dtype, device=x.device).movedim(-1, -3)
+    return out.copy_(x)
