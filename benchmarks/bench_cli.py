@@ -127,7 +127,9 @@ def main() -> None:
             for r in range(args.repeats):
                 for optimizer in ("dp-sgd", "sgd"):  # interleaved: drift hits both alike
                     t = {
-                        s: time_run(data, model, optimizer, s, args, folder / f"{model}-{optimizer}-{s}-{r}")
+                        s: time_run(
+                            data, model, optimizer, s, args, folder / f"{model}-{optimizer}-{s}-{r}"
+                        )
                         for s in (1, args.steps)
                     }
                     per_step[optimizer].append((t[args.steps] - t[1]) / (args.steps - 1))
