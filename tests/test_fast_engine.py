@@ -566,6 +566,67 @@ def test_pixel_ghost_norm_conv1d_and_standardized_with_augmult(pixel_ghost):
     assert len(pixel_ghost) == 2 * 3  # both layers, 3 clip norms, under the zero budget
 
 
+@pytest.fixture
+def unfold_ghost(monkeypatch):
+    """Forces the unfolded ghost norm onto every conv not kept by the small-layer budget (that
+    is, under ``check``'s zero budget); counts the patches it unfolds."""
+    from dpmicroadam.privacy.fast import conv
+
+    monkeypatch.setattr(conv, "norm_method", lambda *args: "ghost")
+    monkeypatch.setattr(conv, "KEEP_RATIO", 0.0)
+    calls = []
+    original = conv.ConvCall.unfold
+
+    def counted(self, x, n, k):
+        calls.append((tuple(self.weight.shape), x.stride()))
+        return original(self, x, n, k)
+
+    monkeypatch.setattr(conv.ConvCall, "unfold", counted)
+    return calls
+
+
+def channels_last(x):
+    """The same values with the channels innermost in memory (the stride of dim -3 is 1)."""
+    *lead, c, h, w = x.shape
+    return torch.empty((*lead, h, w, c), dtype=x.dtype).movedim(-1, -3).copy_(x)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=3, padding=1, groups=2, bias=False),
+        dict(kernel_size=(3, 2), dilation=2, padding="same", padding_mode="reflect"),
+        dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0)),
+        dict(kernel_size=1),
+    ],
+)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_unfold_ghost_norm_conv2d(conv, layout, unfold_ghost):
+    """The patches come from a strided view of the padded input in either layout."""
+    torch.manual_seed(27)
+    model = nn.Sequential(nn.Conv2d(4, 6, **conv), nn.Tanh(), Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, 4, 7, 6))
+    x = torch.randn(4, 4, 7, 6)
+    check(model, channels_last(x) if layout == "channels_last" else x, labels(4))
+    assert unfold_ghost, "the unfolded ghost norm never ran"
+
+
+def test_unfold_ghost_norm_conv1d_one_channel_and_augmult(unfold_ghost):
+    torch.manual_seed(28)
+    check(conv1d_net(), torch.randn(4, 2, 4, 11), labels(4), augmult=2)
+    assert len(unfold_ghost) == 2 * 3  # both layers, 3 clip norms, under the zero budget
+    unfold_ghost.clear()
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2), Flatten(),
+        nn.LazyLinear(3),
+    )  # fmt: skip
+    model(torch.randn(1, 1, 9, 9))
+    x = channels_last(torch.randn(3, 2, 1, 9, 9))  # one channel; views channels-last
+    check(model, x, labels(3), augmult=2)
+    assert {shape for shape, _ in unfold_ghost} == {(3, 1, 3, 3), (2, 3, 2, 2)}
+
+
 def test_pixel_ghost_norm_chosen_for_few_pixels_and_many_channels():
     from dpmicroadam.privacy.fast.conv import ConvCall, norm_method
 

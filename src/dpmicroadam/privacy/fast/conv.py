@@ -132,18 +132,33 @@ class ConvCall:
         return F.pad(x, [w for p in reversed(self.padding) for w in (p, p)])
 
     def unfold(self, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
-        """Prepared input (n·k, C, *spatial) → patches (n, groups, k·L, D)."""
-        kernel, stride, padding, dilation = (
-            tuple(self.weight.shape[2:]), self.stride, self.padding, self.dilation,
+        """Prepared input (n·k, C, *spatial) → patches (n, groups, k·L, D).
+
+        A patch's D entries come kernel offset by kernel offset, the channels innermost (not
+        the weight's channel-major order): only its Gram matrix and sum are ever taken. They
+        are copied from a channels-last strided view of the padded input, where each offset's
+        channels are contiguous: 0.54 ms against 3.07 ms for ``F.unfold`` (im2col) on the tanh
+        CNN's second conv (16 channels, 4×4, 13×13 pixels, 256 examples, 1 thread, ad hoc).
+        """
+        x = self.zero_padded(x)
+        channels, groups = x.shape[1], self.groups
+        kernel = tuple(self.weight.shape[2:])
+        pix = x.movedim(1, -1)  # (n·k, *spatial, C); a view when x is channels-last
+        if not pix.is_contiguous():
+            pix = pix.contiguous()
+        st, dims = pix.stride(), range(self.dims)
+        out = [
+            (x.shape[2 + j] - self.dilation[j] * (kernel[j] - 1) - 1) // self.stride[j] + 1
+            for j in dims
+        ]
+        per = channels // groups
+        view = pix.as_strided(
+            (n, groups, k, *out, *kernel, per),
+            (k * st[0], per * st[-1], st[0], *(self.stride[j] * st[1 + j] for j in dims),
+             *(self.dilation[j] * st[1 + j] for j in dims), st[-1]),
+            pix.storage_offset(),
         )  # fmt: skip
-        if self.dims == 1:
-            x = x.unsqueeze(2)
-            kernel, stride = (1, kernel[0]), (1, stride[0])
-            padding, dilation = (0, padding[0]), (1, dilation[0])
-        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        length = cols.shape[-1]
-        cols = cols.view(n, k, self.groups, self.fan_in, length).permute(0, 2, 1, 4, 3)
-        return cols.reshape(n, self.groups, k * length, self.fan_in)
+        return view.reshape(n, groups, k * math.prod(out), self.fan_in)
 
     def out_rows(self, e: torch.Tensor, n: int, k: int) -> torch.Tensor:
         """Output gradients (n·k, P, *spatial) → (n, groups, k·L, P/groups)."""
