@@ -610,6 +610,7 @@ def test_unfold_ghost_norm_conv2d(conv, layout, unfold_ghost):
     x = torch.randn(4, 4, 7, 6)
     check(model, channels_last(x) if layout == "channels_last" else x, labels(4))
     assert unfold_ghost, "the unfolded ghost norm never ran"
+    assert all((strides[1] == 1) == (layout == "channels_last") for _, strides in unfold_ghost)
 
 
 def test_unfold_ghost_norm_conv1d_one_channel_and_augmult(unfold_ghost):
@@ -625,6 +626,13 @@ def test_unfold_ghost_norm_conv1d_one_channel_and_augmult(unfold_ghost):
     x = channels_last(torch.randn(3, 2, 1, 9, 9))  # one channel; views channels-last
     check(model, x, labels(3), augmult=2)
     assert {shape for shape, _ in unfold_ghost} == {(3, 1, 3, 3), (2, 3, 2, 2)}
+    unfold_ghost.clear()
+    conv = nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=2, groups=1)
+    model = nn.Sequential(conv, nn.Tanh(), Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, 3, 10))
+    x = torch.randn(4, 10, 3).transpose(1, 2)  # (N, C, L) with the channels innermost
+    check(model, x, labels(4))
+    assert unfold_ghost and all(strides[1] == 1 for _, strides in unfold_ghost)
 
 
 def test_pixel_ghost_norm_chosen_for_few_pixels_and_many_channels():
