@@ -508,6 +508,17 @@ def test_conv_called_twice_adds_up_both_calls():
     check(Twice(), torch.randn(4, 2, 6, 6), labels(4))
 
 
+# Conv2d geometries every conv norm method is checked on: stride, groups, dilation with
+# "same" reflect padding, asymmetric kernels, 1x1.
+CONV_GEOMETRIES = [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, padding=1, groups=2, bias=False),
+    dict(kernel_size=(3, 2), dilation=2, padding="same", padding_mode="reflect"),
+    dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0)),
+    dict(kernel_size=1),
+]
+
+
 @pytest.fixture
 def pixel_ghost(monkeypatch):
     """Forces the pixel ghost norm onto every conv not kept by the small-layer budget (that
@@ -527,16 +538,7 @@ def pixel_ghost(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize(
-    "conv",
-    [
-        dict(kernel_size=3, stride=2, padding=1),
-        dict(kernel_size=3, padding=1, groups=2, bias=False),
-        dict(kernel_size=(3, 2), dilation=2, padding="same", padding_mode="reflect"),
-        dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0)),
-        dict(kernel_size=1),
-    ],
-)
+@pytest.mark.parametrize("conv", CONV_GEOMETRIES)
 def test_pixel_ghost_norm_conv2d(conv, pixel_ghost):
     torch.manual_seed(17)
     model = nn.Sequential(nn.Conv2d(4, 6, **conv), nn.Tanh(), Flatten(), nn.LazyLinear(3))
@@ -591,16 +593,7 @@ def channels_last(x):
     return torch.empty((*lead, h, w, c), dtype=x.dtype).movedim(-1, -3).copy_(x)
 
 
-@pytest.mark.parametrize(
-    "conv",
-    [
-        dict(kernel_size=3, stride=2, padding=1),
-        dict(kernel_size=3, padding=1, groups=2, bias=False),
-        dict(kernel_size=(3, 2), dilation=2, padding="same", padding_mode="reflect"),
-        dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0)),
-        dict(kernel_size=1),
-    ],
-)
+@pytest.mark.parametrize("conv", CONV_GEOMETRIES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_unfold_ghost_norm_conv2d(conv, layout, unfold_ghost):
     """The patches come from a strided view of the padded input in either layout."""
