@@ -91,18 +91,11 @@ class Run:
         task = self.hooks.build_task(self)
         task.check()
         self.task = task
-        self.x_train, self.y_train = (
-            image_layout(task.x_train.to(self.device)),
-            task.y_train.to(self.device),
-        )
-        self.x_val, self.y_val = (
-            image_layout(task.x_val.to(self.device)),
-            task.y_val.to(self.device),
-        )
-        self.x_test, self.y_test = (
-            image_layout(task.x_test.to(self.device)),
-            task.y_test.to(self.device),
-        )
+        for split in ("x_train", "x_val", "x_test"):  # in place: no second copy is held
+            setattr(task, split, image_layout(getattr(task, split)))
+        self.x_train, self.y_train = task.x_train.to(self.device), task.y_train.to(self.device)
+        self.x_val, self.y_val = task.x_val.to(self.device), task.y_val.to(self.device)
+        self.x_test, self.y_test = task.x_test.to(self.device), task.y_test.to(self.device)
         model = task.model.to(self.device)
         self.n = int(self.x_train.shape[0])
         if cfg.batch_size > self.n:

@@ -139,9 +139,9 @@ class ConvCall:
         of it, padded, kernel offset by kernel offset with the channels innermost (contiguous
         runs): on the tanh CNN's second conv (16 channels, 4×4, 13×13 pixels, 256 examples,
         1 thread, ad hoc) 0.54 ms against 3.07 ms for ``F.unfold`` (im2col). Other inputs go
-        through ``F.unfold``, channel-major like the weight: on WRN-16-4's stride-2 convs
-        (contiguous inputs) the strided view was 2x slower for 3×3 kernels, 2.6x faster for
-        1×1 (ad hoc).
+        through ``F.unfold``, channel-major like the weight: for WRN-16-4's stride-2 3×3 conv
+        on a contiguous input, a strided view (channel-major, or after a transpose) was no
+        faster or 2x slower (ad hoc).
         """
         if x.dim() == self.dims + 2 and x.movedim(1, -1).is_contiguous():
             return self._strided_patches(x, n, k)
