@@ -174,7 +174,7 @@ def test_fashion_mnist_microadam_default_eps_is_noise_relative():
 
 
 def test_image_layout_is_channels_last_with_the_same_values():
-    from dpmicroadam.train.run import image_layout
+    from dpmicroadam.train.task import image_layout
 
     for shape in [(5, 1, 6, 7), (4, 3, 5, 5), (2, 3, 1, 4, 4), (2, 2, 3, 4, 5)]:
         x = torch.randn(shape)
@@ -211,3 +211,28 @@ def test_run_holds_and_steps_image_batches_channels_last(tmp_path, augmult):
     held = torch.cat([run.x_train, run.x_val]).flatten().sort().values
     loaded = torch.from_numpy(x[:240]).flatten().double().div(255).sort().values
     torch.testing.assert_close(held.double(), loaded, rtol=0, atol=1e-7)
+
+
+def test_a_task_of_its_own_keeps_its_layout(tmp_path):
+    """Only `train`'s own task is made channels-last: a model of a custom task may ``view``."""
+    from dpmicroadam.train.task import Task
+
+    class Viewing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.head = torch.nn.Linear(4 * 6 * 6, 10)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.head(h.view(h.shape[0], -1))  # needs contiguous (NCHW) activations
+
+    class Own(RunHooks):
+        def build_task(self, run):
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(96, 3, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g)
+            return Task(x[:64], y[:64], x[64:80], y[64:80], x[80:], y[80:], Viewing())
+
+    run = Run(resolve_config({**FAST, "batch_size": 16, "out": str(tmp_path / "o")}), Own())
+    assert run.x_train.is_contiguous() and run.x_train.stride(1) == 64
+    run.fit()  # the model's view works on what it is given

@@ -44,7 +44,7 @@ from dpmicroadam.train.ema import EMA
 from dpmicroadam.train.hooks import ResumeMismatch, RunHooks, TrainingDiverged
 from dpmicroadam.train.metrics import MetricsLog
 from dpmicroadam.train.state import RunState
-from dpmicroadam.train.task import cross_entropy_per_row, evaluate
+from dpmicroadam.train.task import cross_entropy_per_row, evaluate, image_layout
 
 MIN_INTERVAL = 50  # steps between default evaluations and checkpoints
 
@@ -91,8 +91,6 @@ class Run:
         task = self.hooks.build_task(self)
         task.check()
         self.task = task
-        for split in ("x_train", "x_val", "x_test"):  # in place: no second copy is held
-            setattr(task, split, image_layout(getattr(task, split)))
         self.x_train, self.y_train = task.x_train.to(self.device), task.y_train.to(self.device)
         self.x_val, self.y_val = task.x_val.to(self.device), task.y_val.to(self.device)
         self.x_test, self.y_test = task.x_test.to(self.device), task.y_test.to(self.device)
@@ -233,7 +231,9 @@ class Run:
             # the views equal the one-process run's); then each rank keeps its share.
             x = augment_views(x.cpu(), cfg.augmult, self.state.augment_rng, pad=pad, flip=flip)
             share = share.to(self.device)
-            x, y = image_layout(x.to(self.device)[share]), y[share]
+            x, y = x.to(self.device)[share], y[share]
+            if self.x_train.dim() == 4 and self.x_train.stride(1) == 1:
+                x = image_layout(x)  # the views in the layout of the held images
         return x, y
 
     def step(self) -> dict[str, float]:
@@ -403,23 +403,3 @@ def _default_out(cfg: TrainConfig) -> str:
 
 def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
-
-
-def image_layout(x: torch.Tensor) -> torch.Tensor:
-    """Image tensors on CPU, (N, C, H, W) or (N, K, C, H, W) augmented views, channels-last;
-    other tensors as they are.
-
-    Convolutions and pooling run in the layout of their input, and on CPU the channels-last
-    kernels are the fast ones: the tanh CNN's step on 28x28 images took 5.8 ms against 11.5 ms
-    (``max_pool2d`` alone 0.3 against 2 ms), the 32x32 tanh CNN's 202 against 238 ms, and
-    WRN-16-4's the same (1 thread, 64 examples, non-private). The values are unchanged; only
-    their order in memory is (with one channel, not even that: only the strides, which decide
-    the kernels). Only on CPU: on a GPU the layout's effect was never measured here.
-    """
-    if x.device.type != "cpu" or x.dim() not in (4, 5) or not x.is_floating_point():
-        return x
-    if x.stride(-3) == 1:  # already channels-last
-        return x
-    *lead, c, h, w = x.shape
-    out = torch.empty((*lead, h, w, c), dtype=x.dtype, device=x.device).movedim(-1, -3)
-    return out.copy_(x)

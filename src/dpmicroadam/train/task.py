@@ -100,7 +100,32 @@ def default_task(cfg: TrainConfig) -> Task:
     kwargs = {"width": cfg.width} if cfg.width != 1 else {}
     with seeded_init(cfg):
         model = build_model(cfg.model, tuple(data.input_shape), data.num_classes, **kwargs)
-    return Task(x_tr, y_tr, x_val, y_val, data.x_test, data.y_test, model)
+    x_test = data.x_test
+    if torch.device(cfg.device).type == "cpu":
+        # Our models take channels-last images (a Task of another builder is left as it is: a
+        # model of its own may ``view`` its input).
+        x_tr, x_val, x_test = (image_layout(x) for x in (x_tr, x_val, x_test))
+    return Task(x_tr, y_tr, x_val, y_val, x_test, data.y_test, model)
+
+
+def image_layout(x: torch.Tensor) -> torch.Tensor:
+    """Image tensors on CPU, (N, C, H, W) or (N, K, C, H, W) augmented views, channels-last;
+    other tensors as they are.
+
+    Convolutions and pooling run in the layout of their input, and on CPU the channels-last
+    kernels are the fast ones: the tanh CNN's step on 28x28 images took 5.8 ms against 11.5 ms
+    (``max_pool2d`` alone 0.3 against 2 ms), the 32x32 tanh CNN's 202 against 238 ms, and
+    WRN-16-4's the same (1 thread, 64 examples, non-private). The values are unchanged; only
+    their order in memory is (with one channel, not even that: only the strides, which decide
+    the kernels). Only on CPU: on a GPU the layout's effect was never measured here.
+    """
+    if x.device.type != "cpu" or x.dim() not in (4, 5) or not x.is_floating_point():
+        return x
+    if x.stride(-3) == 1:  # already channels-last
+        return x
+    *lead, c, h, w = x.shape
+    out = torch.empty((*lead, h, w, c), dtype=x.dtype, device=x.device).movedim(-1, -3)
+    return out.copy_(x)
 
 
 @torch.no_grad()
