@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import use_ghost
-from .owner import KEEP_RATIO, KeepBudget, Owner, chunks, weighted_sum
+from .owner import KEEP_RATIO, KeepBudget, Owner, cat, chunks, weighted_sum
 
 # Fan-in (C/groups · kernel) from which per-example weight gradients are formed one example at
 # a time rather than by a single grouped call (measured on CPU: 3×3 convs with 128 or more
@@ -304,10 +304,10 @@ def channel_stats(
             if method == "pixel":
                 gram, sums = _pixel_gram(call, xs[0][rows], es[0].shape[2:], n, k)
             else:
-                a = _cat([call.unfold(x[rows], n, k) for x in xs], 2)
+                a = cat([call.unfold(x[rows], n, k) for x in xs], 2)
                 gram, sums = a @ a.mT, a.sum(-1, keepdim=True)
                 del a
-            o = _cat([call.out_rows(e[rows], n, k) for e in es], 2)
+            o = cat([call.out_rows(e[rows], n, k) for e in es], 2)
             stats["sq"].append(((gram @ o) * o).sum(2).reshape(n, out_ch))
             stats["total"].append((o * sums).sum(2).reshape(n, out_ch))
             continue
@@ -324,7 +324,7 @@ def channel_stats(
                 kept = g.new_empty((b, out_ch, d_in))
             kept[sl] = g
         del g
-    result = {name: _cat(parts, 0) for name, parts in stats.items()}
+    result = {name: cat(parts, 0) for name, parts in stats.items()}
     if kept is not None:
         result["kept"] = kept
     return result
@@ -375,10 +375,6 @@ def _total(parts) -> torch.Tensor:
     for part in it:
         total = total + part
     return total
-
-
-def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 class ConvOwner(Owner):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .owner import KEEP_RATIO, Owner, chunks, weighted_sum
+from .owner import KEEP_RATIO, Owner, cat, chunks, weighted_sum
 
 Getter = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
 
@@ -96,8 +96,7 @@ class LinearOwner(Owner):
             e = self.rows(r.grads[0], n)
             acts.append(a.reshape(b, -1, a.shape[-1]))
             outs.append(e.reshape(b, -1, e.shape[-1]))
-        a = acts[0] if len(acts) == 1 else torch.cat(acts, 1)
-        e = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        a, e = cat(acts, 1), cat(outs, 1)
         if a.shape[1] == 1:
             return self._rank_one_sq_norms(a, e)
         sq = e.new_zeros(b)

@@ -40,6 +40,11 @@ class KeepBudget:
         return True
 
 
+def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.cat(parts, dim)``, without a copy when there is one part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def chunks(b: int, per_example: int, elements: int | None = None):
     """Yields slices over ``b`` examples so that each chunk holds about ``elements`` entries
     (default CHUNK_ELEMENTS)."""

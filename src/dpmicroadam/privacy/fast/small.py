@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .owner import Owner, chunks, weighted_sum
+from .owner import Owner, cat, chunks, weighted_sum
 
 # The normalized input times the output gradient is formed this many entries at a time
 # (1 MiB in float32): a whole 64-example activation (16 MiB for WRN-16-4's 64 channels at 32x32)
@@ -91,7 +91,7 @@ class _AffineNormOwner(Owner):
         for sl in chunks(b, k * a[0].numel(), NORM_CHUNK_ELEMENTS):
             rows = slice(sl.start * k, sl.stop * k)
             parts.append(self.per_example(self.normalized(a[rows]) * e[rows], sl.stop - sl.start))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return cat(parts)
 
     def sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
         out = []
