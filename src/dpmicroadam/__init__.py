@@ -21,6 +21,7 @@ _EXPORTS = {
     "epsilon": "dpmicroadam.accounting",
     "calibrate_noise_multiplier": "dpmicroadam.accounting",
     "train": "dpmicroadam.train",
+    "keep_freed_memory": "dpmicroadam.allocator",
 }
 
 __all__ = ["__version__", *_EXPORTS]
