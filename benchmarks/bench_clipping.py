@@ -39,12 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpmicroadam.allocator import keep_freed_memory
-
 # glibc keeps freed heap blocks in the process and, by default, raises its mmap threshold after
 # the first large free; resident size then tracks the allocator's history rather than the live
 # tensors. Serving every block >= 64 KiB by mmap makes freed tensors leave the resident set.
-MEMORY_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # so keep_freed_memory() yields
+MEMORY_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 ENGINES = ("nonprivate", "fast", "vmap", "opacus_hooks", "opacus_ghost")
 MODELS = ("mlp", "cnn", "wrn16-4", "transformer")
 CLIP_NORM, NOISE = 1.0, 1.0
@@ -274,20 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wrn-rounds", type=int, default=3, help="timed steps on wrn16-4")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument(
-        "--malloc",
-        choices=("keep", "system"),
-        default="keep",
-        help="keep: time with dpmicroadam.keep_freed_memory(), as the CLI runs (default); "
-        "system: glibc's defaults, whose thresholds depend on what the process freed before",
-    )
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._memory:
         print(json.dumps(measure_memory(args._memory[0], args._memory[1], args.batch)))
         return
-    malloc = keep_freed_memory() if args.malloc == "keep" else "glibc defaults"
     meta = {
         "commit": _commit(),
         "torch": torch.__version__,
@@ -295,7 +285,6 @@ def main(argv: list[str] | None = None) -> None:
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
         "batch": args.batch,
-        "malloc": malloc,
     }
     for name in args.models:
         rounds = args.wrn_rounds if name == "wrn16-4" else args.rounds
