@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dpmicroadam import allocator, cli
+from dpmicroadam import allocator
 
 needs_glibc = pytest.mark.skipif(allocator.glibc() is None, reason="mallopt thresholds are glibc's")
 
@@ -86,13 +86,3 @@ def test_opting_out_and_glibc_settings_leave_malloc_alone():
 def test_bad_thresholds_are_refused_by_name(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         allocator.keep_freed_memory(**kwargs)
-
-
-def test_the_command_line_keeps_freed_memory_once_before_it_works(monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("kept") or "kept")
-    code = cli.main(
-        ["account", "--noise-multiplier", "1.0", "--sample-rate", "0.01", "--steps", "10"]
-    )
-    assert code == 0 and calls == ["kept"]
-    assert "ε = " in capsys.readouterr().out

@@ -1,23 +1,23 @@
-"""Keep freed tensor memory in the process (glibc): no page faults for the same blocks each step.
+"""Keep freed tensor memory in the process (glibc), for scripts that time or run small DP steps.
 
 glibc's ``malloc`` serves a block of 128 KiB or more with fresh ``mmap`` pages and returns them
 to the kernel when the block is freed. Its threshold adapts, but only upwards to the largest
-``mmap`` block freed so far, so how fast a step runs depends on what the process happened to
-free before. A DP step allocates and frees blocks of megabytes every time (per-example
-gradients, the grouped-convolution kernels' scratch, activations), and the kernel zero-fills
-every page of them again on first touch, every step.
+``mmap`` block freed so far, so how fast a step runs depends on what the process freed before.
+A DP step allocates and frees blocks of megabytes every time (per-example gradients, the
+grouped-convolution kernels' scratch), and in a process whose threshold never rose the kernel
+zero-fills every page of them again, every step.
 
-Measured on this project's 2-core machine (docs/speed.md, "Twelfth session"), one
-``FastEngine`` step of the tanh CNN (64 Fashion-MNIST-sized examples, 1 thread, a fresh
-process): 9.9 ms with glibc's defaults, 6.9-7.5 ms with :func:`keep_freed_memory`; the
-non-private step stayed at about 4.3 ms. A ``dpmicroadam train`` run of the same model showed no
-difference, because loading a dataset of that size had already raised the adaptive threshold.
+Measured on this project's 2-core machine (``benchmarks/bench_allocator.py``, docs/speed.md,
+"Twelfth session"): one ``FastEngine`` step of the tanh CNN (64 examples, 1 thread) in a fresh
+process took 9.63 ms with glibc's defaults and 6.81 ms after :func:`keep_freed_memory`; the
+non-private step stayed at 4.1 ms. A ``dpmicroadam train`` run showed no such difference
+(loading the data had already raised the threshold) but a higher peak resident set (Fashion-MNIST
+CNN, 300 steps: 985 MB against 906-938 MB), so neither the command line nor the library calls it:
+a script may, first thing.
 
 :func:`keep_freed_memory` fixes both thresholds with ``mallopt``: blocks up to 32 MiB come from
-the heap, and up to 64 MiB of free heap stays mapped (that much resident memory the process
-would otherwise have returned). It is process-wide, so the library never calls it by itself;
-the command line does, once at start (``DPMICROADAM_MALLOC=system`` leaves malloc alone), and a
-script may call it first thing. Off glibc (macOS, musl, Windows) it does nothing.
+the heap, and up to 64 MiB of free heap stays mapped. It is process-wide. Off glibc (macOS,
+musl, Windows) it does nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 MMAP_THRESHOLD = 32 * 2**20  # the largest value glibc accepts on 64-bit systems
 TRIM_THRESHOLD = 64 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
-OPT_OUT = "DPMICROADAM_MALLOC"  # "system": leave malloc as it is
+OPT_OUT = "DPMICROADAM_MALLOC"  # "system": leave malloc as it is, even when asked
 # glibc's own settings: whoever set one of these has chosen, and is not overruled.
 GLIBC_VARIABLES = (
     "MALLOC_MMAP_THRESHOLD_",

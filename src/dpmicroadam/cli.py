@@ -18,7 +18,6 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from dpmicroadam.allocator import keep_freed_memory
 from dpmicroadam.train.checkpoint import strict_json
 from dpmicroadam.train.checks import field_types
 from dpmicroadam.train.config import TrainConfig
@@ -354,7 +353,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
-    keep_freed_memory()  # process-wide, so the command does it and the library does not
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
