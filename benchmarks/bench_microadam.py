@@ -3,7 +3,8 @@
 Prints one JSON line per configuration; ratios against ``torch.optim.AdamW(foreach=True)`` are
 measured in the same run (these machines are noisy). ``first_step_ms`` is the first step of the
 configuration's first run in the process: for ``microadam_compiled`` it includes compiling, and
-``compile_s`` is the time spent in the first calls of the compiled stages. Usage::
+``compile_s`` is the time spent in the first calls of the compiled stages; for
+``microadam_fused``, ``build_s`` is the time spent building or loading its C++ extension. Usage::
 
     python benchmarks/bench_microadam.py [--device cpu] [--steps 30] [--dtype float32] [--cold]
         [--threads N] [--repeats N] [--configs NAME ...] [--fresh-inductor-cache]
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from dpmicroadam.optim import MicroAdam, compiled, state_bytes
+from dpmicroadam.optim import MicroAdam, compiled, fused, state_bytes
 
 
 def wrn16_4_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
@@ -141,6 +142,7 @@ CONFIGS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
     "microadam_default": lambda ps: MicroAdam(ps, lr=1e-3),
     "microadam_compiled": lambda ps: MicroAdam(ps, lr=1e-3, implementation="compiled"),
+    "microadam_fused": lambda ps: MicroAdam(ps, lr=1e-3, implementation="fused"),
     "microadam_ef8": lambda ps: MicroAdam(ps, lr=1e-3, ef_bits=8),
     "microadam_exact_ef": lambda ps: MicroAdam(ps, lr=1e-3, ef_bits=None),
     "microadam_dense_1d": lambda ps: MicroAdam(
@@ -194,6 +196,9 @@ def main() -> None:
             row["compile_s"] = round(compiled.compile_seconds(), 2)
             row["compile_failure"] = compiled.compile_failure()
             row["fresh_inductor_cache"] = args.fresh_inductor_cache
+        if name == "microadam_fused":
+            row["build_s"] = round(fused.build_seconds(), 2)
+            row["build_failure"] = fused.build_failure()
         row["median_ms"] = round(statistics.median(r["median_ms"] for r in runs), 3)
         row["cpu_ms"] = round(statistics.median(r["cpu_ms"] for r in runs), 3)
         row["ratio_to_adamw"] = round(row["median_ms"] / base, 2)

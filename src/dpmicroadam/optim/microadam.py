@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import fused
 from .batched import batchable, batched_step
 from .kernels import Hyper, check_state, compute_dtype, fast_step, init_state, loop_step
 from .packed import MIN_PACK, pack_members, packable, packed_step
@@ -17,7 +18,7 @@ from .validated import ValidatedOptimizer
 
 STATE_FORMAT_VERSION = 1
 EF_ROUNDINGS = ("nearest", "stochastic")
-_IMPLEMENTATIONS = {"fast": fast_step, "loop": loop_step, "compiled": fast_step}
+_IMPLEMENTATIONS = {"fast": fast_step, "loop": loop_step, "compiled": fast_step, "fused": fast_step}
 
 
 def _bad(name: str, value: Any, must: str) -> ValueError:
@@ -208,6 +209,7 @@ class MicroAdam(ValidatedOptimizer):
             hp = Hyper.from_group(group)
             small: dict[tuple, list[tuple[str, Tensor]]] = {}
             large: dict[tuple, list[tuple[str, Tensor]]] = {}
+            joined: dict[tuple, list[tuple[str, Tensor]]] = {}  # implementation="fused"
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -223,13 +225,17 @@ class MicroAdam(ValidatedOptimizer):
                 # one tensor at a time: the dither is drawn per tensor, and 5/6-bit codes are
                 # packed by quantize_ only (not by the batched or packed steps)
                 fast = fast and hp.ef_rounding == "nearest" and hp.ef_bits not in GROUPED_BITS
-                if fast and batchable(p, hp):
+                if fast and group["implementation"] == "fused" and fused.eligible(p, hp):
+                    joined.setdefault(key, []).append((name, p))
+                elif fast and batchable(p, hp):
                     small.setdefault(key, []).append((name, p))
                 elif fast and packable(p, hp):
                     large.setdefault(key, []).append((name, p))
                 else:
                     singles.append((name, p, p.grad, group, hp, layout))
                     checks.append(([name], [p.numel()], p.grad))
+            for members in joined.values():  # their finiteness is checked by fused.front
+                packs.append(([m[0] for m in members], [m[1] for m in members], hp, "fused"))
             for members in small.values():
                 names, params = [m[0] for m in members], [m[1] for m in members]
                 flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -245,9 +251,9 @@ class MicroAdam(ValidatedOptimizer):
                     if not k
                 )
                 if any(keep):
-                    jit = group["implementation"] == "compiled"
+                    how = "compiled" if group["implementation"] == "compiled" else "eager"
                     chosen = [m for m, k in zip(members, keep) if k]
-                    packs.append(([m[0] for m in chosen], [m[1] for m in chosen], hp, jit))
+                    packs.append(([m[0] for m in chosen], [m[1] for m in chosen], hp, how))
                 checks.extend(([name], [p.numel()], p.grad) for name, p in members)
         return singles, batches, packs, checks
 
@@ -284,6 +290,13 @@ class MicroAdam(ValidatedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         singles, batches, packs, checks = self._plan_step()
+        # Nothing changes state before every gradient is known finite: the fused steps' first
+        # halves are pure and check their own tensors.
+        fronts = [
+            fused.front(names, params, self._states(params, hp, store=False), hp)
+            for names, params, hp, how in packs
+            if how == "fused"
+        ]
         if checks:
             self._check_finite(checks)
         for name, p, grad, group, hp, layout in singles:
@@ -294,8 +307,13 @@ class MicroAdam(ValidatedOptimizer):
             step(p, grad, state, hp, layout, name, self._dither(p, hp))
         for names, params, flat, hp in batches:
             batched_step(names, params, flat, self._states(params, hp), hp)
-        for names, params, hp, jit in packs:
-            packed_step(names, params, self._states(params, hp), hp, jit)
+        for names, params, hp, how in packs:
+            if how != "fused":
+                packed_step(names, params, self._states(params, hp), hp, how == "compiled")
+        for f in fronts:
+            fused.finish(f)
+            for p, st in zip(f.params, f.states):
+                self.state[p] = st
         return loss
 
     def _rounding_rng(self, device: torch.device) -> torch.Generator:
@@ -313,12 +331,20 @@ class MicroAdam(ValidatedOptimizer):
         gen = self._rounding_rng(p.device)
         return torch.rand(p.numel(), generator=gen, device=p.device, dtype=compute_dtype(p))
 
-    def _states(self, params: list[Tensor], hp: Hyper) -> list[dict[str, Tensor]]:
-        """The states of ``params``, created at their first step."""
+    def _states(
+        self, params: list[Tensor], hp: Hyper, store: bool = True
+    ) -> list[dict[str, Tensor]]:
+        """The states of ``params``, created at their first step (and not yet kept in
+        ``self.state`` unless ``store``)."""
+        states = []
         for p in params:
-            if not self.state[p]:
-                self.state[p].update(init_state(p, hp, hp.layout(p.numel())))
-        return [self.state[p] for p in params]
+            state = self.state.get(p)
+            if not state:
+                state = init_state(p, hp, hp.layout(p.numel()))
+                if store:
+                    self.state[p] = state
+            states.append(state)
+        return states
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict plus ``format_version``."""
