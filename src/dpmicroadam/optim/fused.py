@@ -33,7 +33,9 @@ PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``) serves it.
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -328,10 +330,23 @@ def instruction_set() -> tuple[str, list[str]]:
     return "default", []
 
 
+def _find_ninja() -> None:
+    """Put the ``ninja`` of the ``ninja`` package on PATH if none is there (a virtual
+    environment used without activating it), as torch's extension builder looks it up there."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def _extension():
     from torch.utils.cpp_extension import load_inline
 
+    _find_ninja()
     start = time.perf_counter()
     target, extra = instruction_set()
     try:

@@ -149,7 +149,11 @@ class MicroAdam(ValidatedOptimizer):
             :mod:`dpmicroadam.optim.packed`), ``"compiled"`` (the same with the large tensors'
             elementwise stages built by ``torch.compile`` on the first step, seconds; falls
             back to ``"fast"`` with one warning if compiling fails, see
-            :mod:`dpmicroadam.optim.compiled`) or ``"loop"`` (the ground truth, slow).
+            :mod:`dpmicroadam.optim.compiled`), ``"fused"`` (CPU, 4-bit error feedback: every
+            eligible tensor stepped by two C++ loops over the top-k blocks, built on the
+            first step, ~30 s once per machine; falls back to ``"fast"`` with one warning if
+            building fails, see :mod:`dpmicroadam.optim.fused`) or ``"loop"`` (the ground
+            truth, slow).
 
     State is lazily created at a parameter's first step; see
     :mod:`dpmicroadam.optim.kernels` for its layout and :func:`state_bytes` for its size.

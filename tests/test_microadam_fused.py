@@ -1,0 +1,199 @@
+"""implementation="fused": the C++ step against the eager one, its checks, and its fallback."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from dpmicroadam.optim import MicroAdam, fused
+from dpmicroadam.optim.topk import make_layout
+
+# Whole blocks, blocks plus a tail, tail only, one block; odd and partial buckets (7, 129 and
+# 300 entries); a 0-d tensor.
+SHAPES = [(3, 256), (40, 16), (6, 32), (256,), (2, 5, 64), (7,), (129,), (10, 30), ()]
+HYPER = dict(lr=0.02, window_size=3, density=0.05, topk_block_size=256, quant_bucket_size=64)
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The extension, built once (skipped only where no C++ toolchain exists at all)."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: implementation='fused' falls back")
+    assert fused.available(), fused.build_failure()
+
+
+def _run(implementation, steps=8, value_dtype=torch.bfloat16, weight_decay=0.0, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in SHAPES]
+    opt = MicroAdam(
+        params,
+        implementation=implementation,
+        value_dtype=value_dtype,
+        weight_decay=weight_decay,
+        **HYPER,
+    )
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=gen)
+            if i == 2 and step == 4:  # no gradient: left out of that step
+                p.grad = None
+        opt.step()
+    return params, opt
+
+
+def _assert_same_state(p, state_a, state_b):
+    """The same error feedback bit for bit, and the same window: every slot holds the same
+    (position, value) pairs, in whatever order."""
+    assert state_a.keys() == state_b.keys()
+    offsets = make_layout(p.numel(), HYPER["density"], HYPER["topk_block_size"]).column_offsets()
+    for key in state_a:
+        if key in ("indices", "values"):
+            orders = [(s["indices"].long() + offsets).sort(1).indices for s in (state_a, state_b)]
+            for k in ("indices", "values"):
+                a, b = (s[k].gather(1, o) for s, o in zip((state_a, state_b), orders))
+                assert torch.equal(a, b), k
+            continue
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_matches_the_eager_step(built, value_dtype, weight_decay):
+    kw = dict(value_dtype=value_dtype, weight_decay=weight_decay)
+    fast, opt_f = _run("fast", **kw)
+    joined, opt_j = _run("fused", **kw)
+    for a, b in zip(fast, joined):
+        # the error feedback and the window bit for bit; the parameters to rounding (the
+        # square root: torch's float32 CPU kernel can be one unit in the last place off)
+        _assert_same_state(a, opt_f.state[a], opt_j.state[b])
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a.detach(), torch.zeros_like(a))
+
+
+def test_every_tensor_of_the_default_config_takes_one_fused_call(built, monkeypatch):
+    calls = []
+    real = fused.finish
+    monkeypatch.setattr(fused, "finish", lambda f: calls.append(len(f.params)) or real(f))
+    _run("fused", steps=2)
+    assert calls == [len(SHAPES), len(SHAPES)]
+
+
+def test_the_fused_selection_is_a_top_k_under_ties(built):
+    # gradients of magnitude 0, 1 or 2 only: many ties at the k-th magnitude
+    gen = torch.Generator().manual_seed(1)
+    p = torch.zeros(4096, requires_grad=True)
+    opt = MicroAdam([p], implementation="fused", **HYPER)
+    g = torch.randint(-2, 3, (4096,), generator=gen).float()
+    p.grad = g.clone()
+    opt.step()
+    idx = opt.state[p]["indices"][0].long().view(16, -1)  # 16 blocks of 256, 13 kept each
+    blocks = g.abs().view(16, 256)
+    kept = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, idx, True)
+    assert int(kept.sum()) == 16 * 13  # no position twice
+    assert bool((blocks.masked_fill(~kept, float("inf")).amin(1)
+                 >= blocks.masked_fill(kept, -1.0).amax(1)).all())  # fmt: skip
+    values = opt.state[p]["values"][0].float().view(16, -1)
+    assert torch.equal(values, g.view(16, 256).gather(1, idx))
+
+
+def test_a_nan_gradient_changes_no_state_even_at_the_first_step(built):
+    params = [torch.randn(300, requires_grad=True), torch.randn(50, dtype=torch.float64)]
+    params[1].requires_grad_()  # float64: not fused, stepped by the eager path
+    opt = MicroAdam(params, implementation="fused", **HYPER)
+    params[0].grad, params[1].grad = torch.randn(300), torch.randn(50, dtype=torch.float64)
+    params[0].grad[17] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*NaN or inf; no state"):
+        opt.step()
+    assert not opt.state  # nothing was created
+    params[0].grad[17] = 0.0
+    opt.step()
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    values = [p.detach().clone() for p in params]
+    params[0].grad[3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        opt.step()
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+        for k, x in before[p].items():
+            assert torch.equal(opt.state[p][k], x), k
+
+
+def test_fused_overflow_names_the_member_and_changes_no_state(built):
+    params = [torch.zeros(512, requires_grad=True), torch.zeros(640, requires_grad=True)]
+    opt = MicroAdam(params, implementation="fused", **HYPER)
+    params[0].grad, params[1].grad = torch.ones(512), torch.full((640,), 3e38)
+    opt.step()  # most of the 3e38 stay in the error feedback
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    values = [p.detach().clone() for p in params]
+    params[0].grad, params[1].grad = torch.ones(512), torch.full((640,), 3e38)
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 .*overflowed"):
+        opt.step()
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+        for k, x in before[p].items():
+            assert torch.equal(opt.state[p][k], x), k
+
+
+def test_fused_save_load_continue_is_bit_identical_and_mixes_with_fast(built):
+    gen = torch.Generator().manual_seed(9)
+    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(9)]
+    theta0 = [torch.randn(s, generator=gen) for s in SHAPES]
+
+    def step(opt, params, g):
+        for p, x in zip(params, g):
+            p.grad = x.clone()
+        opt.step()
+
+    straight = [t.clone().requires_grad_() for t in theta0]
+    opt = MicroAdam(straight, implementation="fused", **HYPER)
+    for g in grads:
+        step(opt, straight, g)
+    for first_impl in ("fused", "fast"):  # a "fast" state continues under "fused" too
+        first = [t.clone().requires_grad_() for t in theta0]
+        opt_a = MicroAdam(first, implementation=first_impl, **HYPER)
+        for g in grads[:5]:
+            step(opt_a, first, g)
+        buffer = io.BytesIO()
+        torch.save({"opt": opt_a.state_dict(), "params": [p.detach() for p in first]}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer)
+        resumed = [p.clone().requires_grad_() for p in saved["params"]]
+        opt_b = MicroAdam(resumed, implementation="fused", **HYPER)
+        opt_b.load_state_dict(saved["opt"])
+        for g in grads[5:]:
+            step(opt_b, resumed, g)
+        for p, q in zip(straight, resumed):
+            if first_impl == "fused":
+                assert torch.equal(p, q)
+                for key, value in opt.state[p].items():
+                    assert torch.equal(opt_b.state[q][key], value), key
+            else:
+                torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+                _assert_same_state(p, opt.state[p], opt_b.state[q])
+
+
+def test_a_failed_build_warns_once_and_steps_eagerly(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp, "load_inline", broken)
+    monkeypatch.setattr(fused, "_FAILURE", [])
+    fused._extension.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            joined, opt_j = _run("fused", steps=4)
+        fast, opt_f = _run("fast", steps=4)
+        found = [w for w in caught if "building the C++ step failed" in str(w.message)]
+        assert len(found) == 1 and "Ninja is required" in str(found[0].message)
+        assert fused.build_failure().startswith("RuntimeError: Ninja is required")
+        for a, b in zip(fast, joined):
+            assert torch.equal(a, b)
+    finally:
+        fused._extension.cache_clear()  # the next use builds (loads) the real one again
