@@ -197,3 +197,13 @@ def test_a_failed_build_warns_once_and_steps_eagerly(monkeypatch):
             assert torch.equal(a, b)
     finally:
         fused._extension.cache_clear()  # the next use builds (loads) the real one again
+
+
+def test_a_state_that_does_not_fit_is_refused_not_read_out_of_bounds(built):
+    p = torch.randn(300, requires_grad=True)
+    opt = MicroAdam([p], implementation="fused", **HYPER)
+    p.grad = torch.randn(300)
+    opt.step()
+    opt.state[p]["ef_max"] = opt.state[p]["ef_max"][:-1].clone()  # one bucket short
+    with pytest.raises(RuntimeError, match="bucket maxima of tensor 0 should be"):
+        opt.step()

@@ -47,7 +47,7 @@ from .kernels import Hyper, bias_corrections, moment_weights, raise_overflow, st
 from .quantize import num_buckets, packed_numel
 from .topk import keep_count
 
-NAME = "dpmicroadam_fused_v7"
+NAME = "dpmicroadam_fused_v8"
 _FAILURE: list[str] = []
 _SECONDS: list[float] = []
 
@@ -266,6 +266,33 @@ void update_impl(const std::vector<torch::Tensor>& params, const std::vector<tor
   });
 }
 
+// Every tensor the loops read or write is checked here, so that a state that does not fit its
+// parameter (a tampered checkpoint) raises instead of reading or writing out of bounds.
+void expect(const torch::Tensor& t, at::ScalarType dtype, int64_t numel, const char* what,
+            size_t m) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() &&
+                  t.numel() == numel,
+              "MicroAdam fused step: the ", what, " of tensor ", m, " should be a contiguous CPU ",
+              dtype, " tensor of ", numel, " entries, got ", t.scalar_type(), " ", t.sizes());
+}
+
+void expect_window(const torch::Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols,
+                   const char* what, size_t m) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() &&
+                  t.dim() == 2 && t.size(0) >= rows && t.size(1) == cols,
+              "MicroAdam fused step: the ", what, " of tensor ", m, " should be a contiguous CPU ",
+              dtype, " tensor of at least ", rows, " x ", cols, ", got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+int64_t code_bytes(int64_t numel, int64_t bucket) {
+  return (numel / bucket) * ((bucket + 1) / 2) + (numel % bucket + 1) / 2;
+}
+
+int64_t columns(int64_t numel, int64_t block, int64_t k_full, int64_t k_tail) {
+  return (numel > block ? numel / block : 0) * k_full + k_tail;
+}
+
 }  // namespace
 
 torch::Tensor front(std::vector<torch::Tensor> grads, std::vector<torch::Tensor> codes,
@@ -275,6 +302,30 @@ torch::Tensor front(std::vector<torch::Tensor> grads, std::vector<torch::Tensor>
                     std::vector<torch::Tensor> sel_val, std::vector<int64_t> numels,
                     std::vector<int64_t> blocks, int64_t bucket, int64_t k_full,
                     std::vector<int64_t> k_tails) {
+  const size_t n = numels.size();
+  TORCH_CHECK(grads.size() == n && codes.size() == n && los.size() == n && his.size() == n &&
+                  new_codes.size() == n && new_los.size() == n && new_his.size() == n &&
+                  sel_idx.size() == n && sel_val.size() == n && blocks.size() == n &&
+                  k_tails.size() == n && n > 0 && bucket > 0,
+              "MicroAdam fused step: argument lists of different lengths");
+  const auto vdtype = sel_val[0].scalar_type();
+  TORCH_CHECK(vdtype == torch::kBFloat16 || vdtype == torch::kFloat32,
+              "MicroAdam fused step: window values must be bfloat16 or float32");
+  for (size_t m = 0; m < n; ++m) {
+    const int64_t nb = (numels[m] + bucket - 1) / bucket, bytes = code_bytes(numels[m], bucket);
+    const int64_t cols = columns(numels[m], blocks[m], k_full, k_tails[m]);
+    TORCH_CHECK(blocks[m] > 0 && (numels[m] <= blocks[m] || blocks[m] % bucket == 0),
+                "MicroAdam fused step: blocks must start at a bucket");
+    expect(grads[m], torch::kFloat32, numels[m], "gradient", m);
+    expect(codes[m], torch::kUInt8, bytes, "error-feedback codes", m);
+    expect(los[m], torch::kFloat32, nb, "bucket minima", m);
+    expect(his[m], torch::kFloat32, nb, "bucket maxima", m);
+    expect(new_codes[m], torch::kUInt8, bytes, "new codes", m);
+    expect(new_los[m], torch::kFloat32, nb, "new minima", m);
+    expect(new_his[m], torch::kFloat32, nb, "new maxima", m);
+    expect(sel_idx[m], torch::kInt16, cols, "new window indices", m);
+    expect(sel_val[m], vdtype, cols, "new window values", m);
+  }
   auto work = items(numels, blocks, k_full, k_tails);
   std::vector<uint8_t> item_ok(work.size(), 1);
   if (sel_val[0].scalar_type() == torch::kBFloat16)
@@ -296,6 +347,23 @@ void update(std::vector<torch::Tensor> params, std::vector<torch::Tensor> indice
             std::vector<int64_t> k_totals,
             torch::Tensor w1, torch::Tensor w2, double decay, bool decayed, double c2, double eps,
             double step) {
+  const size_t n = numels.size();
+  TORCH_CHECK(params.size() == n && indices.size() == n && values.size() == n &&
+                  blocks.size() == n && k_tails.size() == n && k_totals.size() == n && n > 0,
+              "MicroAdam fused step: argument lists of different lengths");
+  const int64_t rows = w1.numel();
+  expect(w1, torch::kFloat32, rows, "moment weights", 0);
+  expect(w2, torch::kFloat32, rows, "moment weights", 0);
+  const auto vdtype = values[0].scalar_type();
+  TORCH_CHECK(vdtype == torch::kBFloat16 || vdtype == torch::kFloat32,
+              "MicroAdam fused step: window values must be bfloat16 or float32");
+  for (size_t m = 0; m < n; ++m) {
+    const int64_t cols = columns(numels[m], blocks[m], k_full, k_tails[m]);
+    TORCH_CHECK(k_totals[m] == cols, "MicroAdam fused step: window columns do not match");
+    expect(params[m], torch::kFloat32, numels[m], "parameter", m);
+    expect_window(indices[m], torch::kInt16, rows, cols, "window indices", m);
+    expect_window(values[m], vdtype, rows, cols, "window values", m);
+  }
   auto work = items(numels, blocks, k_full, k_tails);
   const float* a1 = w1.data_ptr<float>();
   const float* a2 = w2.data_ptr<float>();
