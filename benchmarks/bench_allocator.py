@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from bench_cli import _commit  # this folder is on sys.path when run as a script
+
 MODES = ("system", "keep")
 
 
@@ -75,16 +77,6 @@ def child(args: argparse.Namespace) -> dict:
         "nonprivate_ms": round(median_ms(nonprivate), 3),
         "dp_ms": round(median_ms(dp), 3),
     }
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

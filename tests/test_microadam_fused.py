@@ -11,6 +11,7 @@ import torch
 
 from dpmicroadam.optim import MicroAdam, fused
 from dpmicroadam.optim.topk import make_layout
+from test_microadam_packed import overflow_changes_no_state
 
 # Whole blocks, blocks plus a tail, tail only, one block; odd and partial buckets (7, 129 and
 # 300 entries); a 0-d tensor.
@@ -123,19 +124,7 @@ def test_a_nan_gradient_changes_no_state_even_at_the_first_step(built):
 
 
 def test_fused_overflow_names_the_member_and_changes_no_state(built):
-    params = [torch.zeros(512, requires_grad=True), torch.zeros(640, requires_grad=True)]
-    opt = MicroAdam(params, implementation="fused", **HYPER)
-    params[0].grad, params[1].grad = torch.ones(512), torch.full((640,), 3e38)
-    opt.step()  # most of the 3e38 stay in the error feedback
-    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
-    values = [p.detach().clone() for p in params]
-    params[0].grad, params[1].grad = torch.ones(512), torch.full((640,), 3e38)
-    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 .*overflowed"):
-        opt.step()
-    for p, v in zip(params, values):
-        assert torch.equal(p.detach(), v)
-        for k, x in before[p].items():
-            assert torch.equal(opt.state[p][k], x), k
+    overflow_changes_no_state(implementation="fused")
 
 
 def test_fused_save_load_continue_is_bit_identical_and_mixes_with_fast(built):

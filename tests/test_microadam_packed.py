@@ -73,9 +73,11 @@ def test_packed_matches_float64_reference(ef_bits):
             np.testing.assert_allclose(p.detach().numpy().reshape(-1), ref.theta, 1e-10, 1e-12)
 
 
-def test_packed_overflow_names_the_member_and_changes_no_state():
+def overflow_changes_no_state(**kw) -> None:
+    """A step whose gradient plus error feedback overflows names the tensor and changes
+    nothing (shared with the fused step's tests)."""
     params = [torch.zeros(512, requires_grad=True), torch.zeros(640, requires_grad=True)]
-    opt = MicroAdam(params, **{**HYPER, "ef_bits": None})
+    opt = MicroAdam(params, **{**HYPER, **kw})
     params[0].grad, params[1].grad = torch.ones(512), torch.full((640,), 3e38)
     opt.step()  # most of the 3e38 stay in the error feedback
     before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
@@ -87,6 +89,11 @@ def test_packed_overflow_names_the_member_and_changes_no_state():
         assert torch.equal(p.detach(), v)
         for k, x in before[p].items():
             assert torch.equal(opt.state[p][k], x), k
+
+
+@pytest.mark.parametrize("ef_bits", [None, 4])
+def test_packed_overflow_names_the_member_and_changes_no_state(ef_bits):
+    overflow_changes_no_state(ef_bits=ef_bits)
 
 
 def test_packed_save_load_continue_is_bit_identical():
