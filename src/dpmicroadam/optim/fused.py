@@ -1,33 +1,39 @@
-"""``implementation="fused"``: the packed step of large tensors as two C++ loops, block by block.
+"""``implementation="fused"``: the MicroAdam step of every eligible tensor as two C++ loops.
 
-The eager packed step (:mod:`dpmicroadam.optim.packed`) runs SPEC section 1 as ~150 ATen calls
-over a work buffer of all the large tensors, each a pass over memory. Here each top-k block of
-each tensor (32768 entries by default) is one work item of two OpenMP-parallel C++ loops
-(``at::parallel_for``), over the tensors' own state, with no work buffer:
+The eager step runs SPEC section 1 as ~150 ATen calls over a work buffer of the large tensors
+(:mod:`dpmicroadam.optim.packed`), each a pass over memory, and steps the small ones with ~40
+calls more (:mod:`dpmicroadam.optim.batched`), mostly Python. Here each top-k block of each
+tensor (32768 entries by default; a small tensor is one block) is one work item of two
+OpenMP-parallel C++ loops (``at::parallel_for``), over the tensors' own state, with no work
+buffer, in one call for all of a group's tensors:
 
 * ``front`` (steps 1-3): decode the 4-bit error feedback and add the gradient, select the top-k
-  by magnitude, zero the selection and quantize again, into fresh error-feedback tensors and
-  the new window slot; nothing of the state is written, so an overflow (a non-finite selected
-  value) leaves it untouched, as everywhere else;
+  by magnitude, zero the selection and quantize again, into new error-feedback tensors and a new
+  window slot. Nothing of the state is written, so a non-finite value (a NaN or infinite
+  gradient, or an overflow: either ranks above every finite magnitude, so it is selected and
+  seen) raises with the state untouched, as on every path;
 * ``update`` (steps 4-6): weight decay, the window moments at the block's window coordinates
-  (summed slot by slot, in slot order, so no result depends on threads) and the sparse update.
+  (summed slot by slot, in slot order, so no result depends on threads) and the sparse update,
+  once per coordinate.
 
-The selection is exact: a threshold is taken from a strided sample of the block's magnitudes,
-the entries at or above it are the candidates, and ``std::nth_element`` picks the ``k`` largest
-among them (all entries when fewer than ``k`` pass). Ties at the k-th magnitude may be broken
-differently from ``torch.topk``, which is as valid (the SPEC's top-k is a set); the order of
-the selection inside a window slot differs, which changes no result. The arithmetic of every
-other step is the eager path's, operation by operation (compiled with ``-ffp-contract=off``,
-so nothing is fused into an FMA), except that ``std::sqrt`` is correctly rounded where torch's
-float32 CPU square root can be one unit in the last place off: the error feedback and the
-window agree bit for bit with the eager path where the selection does, the parameters to
-rounding.
+The selection is exact: a threshold is taken from a strided sample of 512 of the block's
+magnitudes, the entries at or above it are the candidates, and ``std::nth_element`` picks the
+``k`` largest among them (all entries are candidates when fewer than ``k`` pass). Ties at the
+k-th magnitude may be broken differently from ``torch.topk``, which is as valid (SPEC's top-k is
+a set); the order of the selection inside a window slot differs, which changes no result. The
+arithmetic of every other step is the eager path's, operation by operation (compiled with
+``-ffp-contract=off``, so nothing is fused into an FMA), except that ``std::sqrt`` is correctly
+rounded where torch's float32 CPU square root can be one unit in the last place off: the error
+feedback and the window agree bit for bit with the eager path where the selection does, the
+parameters to rounding.
 
-Supported: CPU float32 parameters, 4-bit error feedback with even buckets, window indices of
-int16 (blocks of at most 32768), window values in bfloat16 or float32. Other packs, and every
-pack when the extension cannot be built (no C++ compiler or ``ninja``), take the eager packed
-step; a failed build warns once. Building takes ~30 s the first time on a machine, then
-PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``) serves it.
+Eligible (:func:`eligible`): CPU float32 parameters and gradients, 4-bit error feedback rounded to
+nearest, int16 window indices, blocks that start at a quantization bucket, window values in
+bfloat16 or float32. Other tensors take the eager paths in the same step. When the extension
+cannot be built (no C++ compiler or ``ninja``) a warning is issued once and every tensor takes
+the eager paths. Building takes 23-29 s the first time on a machine (this project's), then
+PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``) serves it; the C++ checks every tensor's
+dtype, size and layout before reading it.
 """
 
 from __future__ import annotations
