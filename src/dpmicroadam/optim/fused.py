@@ -39,6 +39,7 @@ dtype, size and layout before reading it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -424,8 +425,11 @@ def _extension():
     start = time.perf_counter()
     target, extra = instruction_set()
     try:
+        # one build per torch installation: environments that share the extension cache do
+        # not rebuild each other's (torch keys a build by its name and rebuilds on any change)
+        where = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:10]
         module = load_inline(
-            f"{NAME}_{target}",
+            f"{NAME}_{target}_{where}",
             cpp_sources=[SOURCE],
             functions=["front", "update"],
             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *extra],
