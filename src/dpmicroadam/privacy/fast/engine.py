@@ -136,7 +136,11 @@ class FastEngine:
                 m.training = mode
         # Relative to each norm and to the largest one (a near-zero gradient's norm is formed
         # from sums of much larger terms); a layout error is off by a few percent or more.
-        rtol = 3e-2 if norms.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        # In float32 the two computations round differently, and more than 1e-4 apart on
+        # WRN-16-4 (GroupNorm before the global average pool cancels badly in its backward
+        # pass): 1.3e-4 for 1 of 40 initialisations (3 random CIFAR-sized examples), a
+        # false alarm at a run's first step; the median was 8e-8 and the 90th percentile 4e-5.
+        rtol = 3e-2 if norms.dtype in (torch.float16, torch.bfloat16) else 1e-3
         scale = direct.abs() + direct.abs().max()
         bad = ((norms - direct).abs() > rtol * scale).nonzero()
         if bad.numel():
