@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import warnings
 
@@ -11,7 +10,7 @@ import torch
 
 from dpmicroadam.optim import MicroAdam, fused
 from dpmicroadam.optim.topk import make_layout
-from test_microadam_packed import overflow_changes_no_state
+from test_microadam_packed import overflow_changes_no_state, save_load_continue
 
 # Whole blocks, blocks plus a tail, tail only, one block; odd and partial buckets (7, 129 and
 # 300 entries); a 0-d tensor.
@@ -128,33 +127,10 @@ def test_fused_overflow_names_the_member_and_changes_no_state(built):
 
 
 def test_fused_save_load_continue_is_bit_identical_and_mixes_with_fast(built):
-    gen = torch.Generator().manual_seed(9)
-    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(9)]
-    theta0 = [torch.randn(s, generator=gen) for s in SHAPES]
-
-    def step(opt, params, g):
-        for p, x in zip(params, g):
-            p.grad = x.clone()
-        opt.step()
-
-    straight = [t.clone().requires_grad_() for t in theta0]
-    opt = MicroAdam(straight, implementation="fused", **HYPER)
-    for g in grads:
-        step(opt, straight, g)
+    fused_kw = dict(HYPER, implementation="fused")
     for first_impl in ("fused", "fast"):  # a "fast" state continues under "fused" too
-        first = [t.clone().requires_grad_() for t in theta0]
-        opt_a = MicroAdam(first, implementation=first_impl, **HYPER)
-        for g in grads[:5]:
-            step(opt_a, first, g)
-        buffer = io.BytesIO()
-        torch.save({"opt": opt_a.state_dict(), "params": [p.detach() for p in first]}, buffer)
-        buffer.seek(0)
-        saved = torch.load(buffer)
-        resumed = [p.clone().requires_grad_() for p in saved["params"]]
-        opt_b = MicroAdam(resumed, implementation="fused", **HYPER)
-        opt_b.load_state_dict(saved["opt"])
-        for g in grads[5:]:
-            step(opt_b, resumed, g)
+        first_kw = dict(HYPER, implementation=first_impl)
+        straight, opt, resumed, opt_b = save_load_continue(SHAPES, fused_kw, first_kw, fused_kw)
         for p, q in zip(straight, resumed):
             if first_impl == "fused":
                 assert torch.equal(p, q)

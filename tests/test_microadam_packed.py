@@ -96,10 +96,14 @@ def test_packed_overflow_names_the_member_and_changes_no_state(ef_bits):
     overflow_changes_no_state(ef_bits=ef_bits)
 
 
-def test_packed_save_load_continue_is_bit_identical():
+def save_load_continue(shapes, straight_kw, first_kw, resumed_kw, steps=9, saved_at=5):
+    """The same gradients stepped straight through (``MicroAdam(**straight_kw)``) and with a
+    save after ``saved_at`` steps (``first_kw``) and a load into a new optimizer
+    (``resumed_kw``); returns ``(straight, its optimizer, resumed, its optimizer)``. Shared with
+    the fused step's tests."""
     gen = torch.Generator().manual_seed(9)
-    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(9)]
-    theta0 = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
+    theta0 = [torch.randn(s, generator=gen) for s in shapes]
 
     def step(opt, params, g):
         for p, x in zip(params, g):
@@ -107,22 +111,27 @@ def test_packed_save_load_continue_is_bit_identical():
         opt.step()
 
     straight = [t.clone().requires_grad_() for t in theta0]
-    opt = MicroAdam(straight, **HYPER)
+    opt = MicroAdam(straight, **straight_kw)
     for g in grads:
         step(opt, straight, g)
     first = [t.clone().requires_grad_() for t in theta0]
-    opt_a = MicroAdam(first, **HYPER)
-    for g in grads[:5]:
+    opt_a = MicroAdam(first, **first_kw)
+    for g in grads[:saved_at]:
         step(opt_a, first, g)
     buffer = io.BytesIO()
     torch.save({"opt": opt_a.state_dict(), "params": [p.detach() for p in first]}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer)
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
-    opt_b = MicroAdam(resumed, **HYPER)
+    opt_b = MicroAdam(resumed, **resumed_kw)
     opt_b.load_state_dict(saved["opt"])
-    for g in grads[5:]:
+    for g in grads[saved_at:]:
         step(opt_b, resumed, g)
+    return straight, opt, resumed, opt_b
+
+
+def test_packed_save_load_continue_is_bit_identical():
+    straight, opt, resumed, opt_b = save_load_continue(SHAPES, HYPER, HYPER, HYPER)
     for p, q in zip(straight, resumed):
         assert torch.equal(p, q)
         for key, value in opt.state[p].items():

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .kernels import Hyper, bias_corrections, moment_weights, raise_overflow, step_size
 from .quantize import num_buckets, packed_numel
-from .topk import keep_count
+from .topk import BlockLayout, keep_count
 
 NAME = "dpmicroadam_fused_v8"
 _FAILURE: list[str] = []
@@ -455,9 +455,10 @@ def available() -> bool:
     return not _FAILURE and _extension() is not None
 
 
-def eligible(p: Tensor, hp: Hyper) -> bool:
-    """Whether ``p`` can take the fused step (see the module docstring); builds the extension
-    on the first eligible tensor and is False from then on if that fails."""
+def eligible(p: Tensor, hp: Hyper, layout: BlockLayout) -> bool:
+    """Whether ``p`` (split into top-k blocks as ``layout``) can take the fused step (see the
+    module docstring); builds the extension on the first eligible tensor and is False from then
+    on if that fails."""
     block = hp.topk_block_size
     if (
         p.device.type != "cpu"
@@ -472,7 +473,6 @@ def eligible(p: Tensor, hp: Hyper) -> bool:
         or hp.value_dtype not in (torch.bfloat16, torch.float32)
     ):
         return False
-    layout = hp.layout(p.numel())
     if layout.index_dtype != torch.int16:
         return False
     if layout.n_full and block % hp.quant_bucket_size:
@@ -504,7 +504,8 @@ class Front:
     states: list[dict[str, Tensor]]
     hp: Hyper
     t: int
-    sizes: tuple
+    numels: list[int]
+    sizes: tuple  # from _sizes
     new: tuple  # (codes, lo, hi, selected indices, selected values), a view per member
 
 
@@ -542,7 +543,7 @@ def front(names: list, params: list[Tensor], states: list[dict[str, Tensor]], hp
                 "changed. Skip this step (e.g. a GradScaler does) or find the overflow."
             )
         raise_overflow(names[bad])
-    return Front(params, states, hp, int(states[0]["step"]) + 1, sizes, new)
+    return Front(params, states, hp, int(states[0]["step"]) + 1, list(numels), sizes, new)
 
 
 def finish(f: Front) -> None:
@@ -561,7 +562,7 @@ def finish(f: Front) -> None:
     w1, w2 = moment_weights(hp, t, filled, torch.float32, f.params[0].device)
     ext.update(
         [p.view(-1) for p in f.params], [st["indices"] for st in states],
-        [st["values"] for st in states], [p.numel() for p in f.params], blocks, k_full, k_tails,
+        [st["values"] for st in states], f.numels, blocks, k_full, k_tails,
         columns, w1.reshape(-1).contiguous(), w2.reshape(-1).contiguous(),
         1 - hp.lr * hp.weight_decay, hp.weight_decay != 0, bias_corrections(hp, t)[1], hp.eps,
         step_size(hp, t),

@@ -229,7 +229,7 @@ class MicroAdam(ValidatedOptimizer):
                 # one tensor at a time: the dither is drawn per tensor, and 5/6-bit codes are
                 # packed by quantize_ only (not by the batched or packed steps)
                 fast = fast and hp.ef_rounding == "nearest" and hp.ef_bits not in GROUPED_BITS
-                if fast and group["implementation"] == "fused" and fused.eligible(p, hp):
+                if fast and group["implementation"] == "fused" and fused.eligible(p, hp, layout):
                     joined.setdefault(key, []).append((name, p))
                 elif fast and batchable(p, hp):
                     small.setdefault(key, []).append((name, p))
