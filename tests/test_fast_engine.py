@@ -434,7 +434,7 @@ def test_small_conv_layers_are_kept_within_the_calls_budget(monkeypatch):
     # kernel; a budget one entry short of the layer falls back to the ghost norm.
     from dpmicroadam.privacy.fast import conv
 
-    calls = {"per_example": 0, "unfold": 0, "weight_grad": 0}
+    calls = {"per_example_any": 0, "unfold": 0, "weight_grad": 0}
     for name in calls:
         original = getattr(conv.ConvCall, name)
 
@@ -448,7 +448,7 @@ def test_small_conv_layers_are_kept_within_the_calls_budget(monkeypatch):
     b = 4
     layer = b * 32 * 16 * 4 * 4
     for budget, expected in ((layer, (1, 0, 0)), (layer - 1, (0, 1, 1)), (0, (0, 1, 1))):
-        calls.update(per_example=0, unfold=0, weight_grad=0)
+        calls.update(per_example_any=0, unfold=0, weight_grad=0)
         engine = FastEngine(model.double(), ce)
         engine.keep_small_elements = budget
         engine.verify = False  # its own engine call would add to the counts
@@ -458,7 +458,7 @@ def test_small_conv_layers_are_kept_within_the_calls_budget(monkeypatch):
         torch.testing.assert_close(norms, ref_norms, rtol=1e-9, atol=1e-12)
         for s, r in zip(sums, ref_sums):
             torch.testing.assert_close(s, r, rtol=1e-9, atol=1e-12)
-        assert (calls["per_example"], calls["unfold"], calls["weight_grad"]) == expected, budget
+        assert (calls["per_example_any"], calls["unfold"], calls["weight_grad"]) == expected, budget
 
 
 def test_input_nested_in_a_tuple_changed_in_place_is_caught():
@@ -653,13 +653,14 @@ def test_pixel_ghost_norm_chosen_for_few_pixels_and_many_channels():
     [
         dict(kernel_size=3, stride=2, dilation=(2, 1), padding=1),
         dict(kernel_size=(4, 3), stride=(1, 2), padding=(2, 1), padding_mode="reflect"),
-        dict(kernel_size=8, stride=2, padding=3, bias=False),
+        dict(kernel_size=5, stride=2, padding=3, bias=False),
     ],
 )
 @pytest.mark.parametrize("augmult", [1, 2])
 def test_single_input_channel_conv_by_forward_convolution(conv, augmult, monkeypatch):
-    """One input channel: per-example gradients by a forward conv with the output gradients as
-    kernels (stride and dilation swapped), views as its input channels."""
+    """One input channel and a kernel of fewer than 48 taps: per-example gradients by a forward
+    conv with the output gradients as kernels (stride and dilation swapped), views as its input
+    channels."""
     from dpmicroadam.privacy.fast import conv as rules
 
     calls = []
@@ -682,6 +683,104 @@ def test_single_input_channel_conv_by_forward_convolution(conv, augmult, monkeyp
     wave(torch.randn(1, 1, 20))
     check(wave, torch.randn(4, 1, 20), labels(4))
     assert calls
+
+
+@pytest.fixture
+def patch_products(monkeypatch):
+    """Counts the calls of the batched-matmul rule (ConvCall._patch_products) by weight shape."""
+    from dpmicroadam.privacy.fast import conv
+
+    calls = []
+    original = conv.ConvCall._patch_products
+
+    def counted(self, *args):
+        calls.append(tuple(self.weight.shape))
+        return original(self, *args)
+
+    monkeypatch.setattr(conv.ConvCall, "_patch_products", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "channels, conv",
+    [
+        (1, dict(kernel_size=8, stride=2, padding=3, bias=False)),  # the tanh CNN's first conv
+        (4, dict(kernel_size=3, stride=2, dilation=(2, 1), padding=1)),
+        (3, dict(kernel_size=(4, 3), stride=(1, 2), padding=(2, 1), padding_mode="reflect")),
+    ],
+)
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_ungrouped_conv_on_channels_last_input_by_patch_products(
+    channels, conv, augmult, patch_products
+):
+    """Per-example gradients by one batched matmul of the output gradients with the copied
+    patches, kernel-major: their norms, and the kept layer's clipped sums (put back in the
+    weight's order), equal the loop's; so do a 1-d conv's."""
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Conv2d(channels, 5, **conv), nn.Tanh(), Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, channels, 13, 11))
+    shape = (4, augmult, channels, 13, 11) if augmult > 1 else (4, channels, 13, 11)
+    check(model, channels_last(torch.randn(shape)), labels(4), augmult=augmult)
+    assert patch_products and all(s[1] == channels for s in patch_products)
+    patch_products.clear()
+    wave = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=2), nn.Tanh(), Flatten())
+    wave.append(nn.LazyLinear(3))
+    wave(torch.randn(1, 3, 10))
+    check(wave, torch.randn(4, 10, 3).transpose(1, 2), labels(4))  # (N, C, L), channels inner
+    assert patch_products and set(patch_products) == {(4, 3, 3)}
+
+
+def test_patch_products_in_chunks_and_orders(patch_products, monkeypatch):
+    """Chunked matmuls give the grouped kernel's per-example gradients; weight_order and
+    kernel_order are inverse; grouped convs and NCHW inputs keep the weight's order."""
+    from dpmicroadam.privacy.fast import conv as rules
+
+    torch.manual_seed(32)
+    layer = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=1).double()
+    call = rules.ConvCall.from_module(layer)
+    x = torch.randn(10, 3, 7, 6, dtype=torch.float64)
+    e = torch.randn_like(layer(x))
+    expected, major = call.per_example_any(x, e, 10, 1)  # NCHW: grouped kernel
+    assert not major and not patch_products
+    monkeypatch.setattr(rules, "PATCH_CHUNK_ELEMENTS", 3 * 4 * call.fan_in)  # 3 examples each
+    g, major = call.per_example_any(channels_last(x), e, 10, 1)
+    assert major and patch_products
+    torch.testing.assert_close(call.weight_order(g), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(g, expected)  # kernel-major rows are another order
+    torch.testing.assert_close(call.kernel_order(call.weight_order(g)), g, rtol=0, atol=0)
+    torch.testing.assert_close(call.per_example(channels_last(x), e, 10, 1), expected)
+    grouped = rules.ConvCall.from_module(nn.Conv2d(4, 4, 3, groups=2).double())
+    xg = channels_last(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert not grouped.per_example_any(xg, torch.randn(2, 4, 3, 3, dtype=torch.float64), 2, 1)[1]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv_called_in_both_layouts_and_standardized_channels_last(layout, patch_products):
+    """One conv called on a channels-last and on an NCHW input: the kernel-major rows of the
+    first are put in the weight's order before the two calls are added. Weight-standardized
+    convs on channels-last inputs take their direction in the rows' order."""
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.head = nn.Linear(3 * 4 * 4, 3)
+
+        def forward(self, x):
+            other = x.contiguous() if layout == "nchw" else x
+            return self.head((torch.tanh(self.conv(x)) + self.conv(other.flip(-1))).flatten(1))
+
+    torch.manual_seed(33)
+    check(Both(), channels_last(torch.randn(4, 2, 6, 6)), labels(4))
+    assert patch_products
+    patch_products.clear()
+    model = nn.Sequential(
+        WSConv2d(3, 4, 3, padding=1), nn.ReLU(), WSConv2d(4, 4, 3, stride=2), nn.Tanh(),
+        Flatten(), nn.LazyLinear(3),
+    )  # fmt: skip
+    model(torch.randn(1, 3, 8, 8))
+    check(model, channels_last(torch.randn(3, 2, 3, 8, 8)), labels(3), augmult=2)
+    assert patch_products
 
 
 def test_pixel_ghost_norm_picked_by_cost_float32_matches_float64(monkeypatch):

@@ -162,6 +162,7 @@ class ReparamConvOwner(ConvOwner):
         self._data = (call, xs, es, k)
         self._outputs = [t for t in (call.weight, call.bias) if t is not None and t.requires_grad]
         self._kept = self._grad_b = None
+        self._kernel_major = False
         names = {id(p) for _, p in self.params}
         simple_bias = call.bias is None or call.bias is self.module.bias
         ws = None
@@ -183,6 +184,7 @@ class ReparamConvOwner(ConvOwner):
         keep = keep_grads(call, xs, es, k, self.keep_budget)
         stats = channel_stats(call, xs, es, b, k, keep, direction=direction)
         self._kept = stats.get("kept")
+        self._kernel_major = stats.get("kernel_major", False)
         if "dot" in stats:
             z = stats["dot"]
         else:
@@ -249,7 +251,9 @@ class ReparamConvOwner(ConvOwner):
         grads = []
         if call.weight.requires_grad:
             if self._kept is not None:
-                grads.append(weighted_sum(factors, self._kept).reshape(call.weight.shape))
+                total = weighted_sum(factors, self._kept)
+                total = call.weight_order(total) if self._kernel_major else total
+                grads.append(total.reshape(call.weight.shape))
             else:
                 grads.append(scaled_weight_grad(call, xs, es, factors, k))
         if self._grad_b is not None:
