@@ -8,8 +8,10 @@ over positions t = K views × output pixels. Its squared norm is taken, per outp
 * by the pixel ghost norm: the same sum, with the patch Gram matrix a_s·a_t = Σ_δ x_{s+δ}·x_{t+δ}
   built from the Gram matrix of the (padded) input pixels, shifted by each kernel offset δ: no
   unfold, and less work where the input has few pixels and many channels (late layers), or
-* by instantiation: G_i for all i at once by the native weight-gradient kernel run with one
-  group per example (no unfold), then squared,
+* by instantiation: G_i for all i at once, then squared: for an ungrouped conv on a
+  channels-last input, one batched matmul of each example's output gradients with its patches
+  (copied from a strided view of the input, kernel offsets outer and channels inner); for
+  others, the native weight-gradient kernel run with one group per example (no unfold),
 
 whichever costs least for the layer's shape (:func:`norm_method`). The clipped sum
 Σ_i c_i G_i is the native weight-gradient kernel on output gradients scaled by c_i, or a
