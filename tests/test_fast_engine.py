@@ -754,6 +754,35 @@ def test_patch_products_in_chunks_and_orders(patch_products, monkeypatch):
     assert not grouped.per_example_any(xg, torch.randn(2, 4, 3, 3, dtype=torch.float64), 2, 1)[1]
 
 
+def test_chunks_in_different_orders_are_kept_in_the_first_chunks_order(monkeypatch):
+    """Chunks of one example each, every other one formed in the weight's order: the kept rows
+    all follow the first chunk's order, so norms and clipped sums (plain and standardized) stay
+    exact."""
+    from dpmicroadam.privacy.fast import conv as rules
+    from dpmicroadam.privacy.fast import owner
+
+    original = rules.ConvCall.per_example_any
+    calls = []
+
+    def alternating(self, x, e, n, k):
+        g, major = original(self, x, e, n, k)
+        calls.append(major)
+        if major and len(calls) % 2 == 0:
+            return self.weight_order(g), False
+        return g, major
+
+    monkeypatch.setattr(rules.ConvCall, "per_example_any", alternating)
+    monkeypatch.setattr(owner, "CHUNK_ELEMENTS", 1)
+    torch.manual_seed(34)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), WSConv2d(4, 4, 3, stride=2), nn.Tanh(),
+        Flatten(), nn.LazyLinear(3),
+    )  # fmt: skip
+    model(torch.randn(1, 3, 8, 8))
+    check(model, channels_last(torch.randn(4, 3, 8, 8)), labels(4))
+    assert calls.count(True) >= 8  # kernel-major chunks, half of them turned around
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_conv_called_in_both_layouts_and_standardized_channels_last(layout, patch_products):
     """One conv called on a channels-last and on an NCHW input: the kernel-major rows of the

@@ -226,8 +226,8 @@ class ConvCall:
         a row's D entries is cheaper to form; ``kernel_major`` says they run kernel offset by
         kernel offset with the input channels innermost (:meth:`weight_order` converts).
 
-        An ungrouped conv on a channels-last input (with one input channel, any input is)
-        takes one batched matmul of each example's output gradients with its patches, copied
+        On the CPU (the only device it was measured on), an ungrouped conv on a channels-last
+        input (with one input channel, any input is) takes one batched matmul of each example's output gradients with its patches, copied
         from a strided view of the input (:meth:`_patch_products`), unless it has one input
         channel and a kernel of fewer than SINGLE_CHANNEL_PATCH_MIN_FAN_IN taps: those take a
         forward convolution (:meth:`_single_channel`). Other convs take one grouped kernel call
@@ -237,6 +237,7 @@ class ConvCall:
         per = self.weight.shape[1]
         if (
             self.groups == 1
+            and x.device.type == "cpu"
             and (per > 1 or self.fan_in >= SINGLE_CHANNEL_PATCH_MIN_FAN_IN)
             and _channels_last(x, self.dims)
         ):
@@ -396,8 +397,11 @@ def channel_stats(
         parts = [call.per_example_any(x[rows], e[rows], n, k) for x, e in zip(xs, es)]
         if len({major for _, major in parts}) > 1:  # calls in both layouts: the weight's order
             parts = [(call.weight_order(g) if major else g, False) for g, major in parts]
-        kernel_major = parts[0][1]
         g = _total(g for g, _ in parts)
+        if sl.start == 0:
+            kernel_major = parts[0][1]
+        elif parts[0][1] != kernel_major:  # every chunk's rows in the first chunk's order
+            g = call.kernel_order(g) if kernel_major else call.weight_order(g)
         del parts
         stats["sq"].append(torch.linalg.vector_norm(g, dim=-1).square())
         stats["total"].append(g.sum(-1))
