@@ -115,10 +115,12 @@ def test_add_is_in_place_and_keeps_the_dtype():
 
 @pytest.fixture
 def spare_core(monkeypatch):
-    """The draw ahead needs a core beyond torch's intra-op threads; pretend there is one."""
+    """The draw ahead needs a core beyond torch's intra-op threads; pretend there is one (and
+    let these tiny releases be drawn ahead)."""
     import dpmicroadam.privacy.noise as noise_module
 
     monkeypatch.setattr(noise_module, "_cores", lambda: torch.get_num_threads() + 1)
+    monkeypatch.setattr(noise_module, "PREFETCH_MIN_ELEMENTS", 1)
 
 
 def _twin_runs(calls, seed=4):
@@ -196,7 +198,7 @@ def test_state_saved_with_a_draw_ahead_pending_resumes_bit_for_bit(spare_core):
                        state["noise"]["generator_state"])  # fmt: skip
 
 
-def test_no_draw_ahead_when_secure_too_large_not_on_the_cpu_or_no_core_free(
+def test_no_draw_ahead_when_secure_too_large_or_small_not_on_the_cpu_or_no_core_free(
     spare_core, monkeypatch
 ):
     import dpmicroadam.privacy.noise as noise_module
@@ -210,6 +212,12 @@ def test_no_draw_ahead_when_secure_too_large_not_on_the_cpu_or_no_core_free(
     assert big._ahead is None
     big.add_each_([torch.zeros(10), torch.zeros(5)], 1.0)
     assert big._ahead is not None
+    monkeypatch.setattr(noise_module, "PREFETCH_MIN_ELEMENTS", 12)
+    small = GaussianNoise(seed=1)
+    small.add_each_([torch.zeros(5), torch.zeros(6)], 1.0)
+    assert small._ahead is None
+    small.add_each_([torch.zeros(6), torch.zeros(6)], 1.0)
+    assert small._ahead is not None
     meta = GaussianNoise(seed=1)  # a tensor on another device: drawn there, never ahead
     assert meta._plan([torch.zeros(3), torch.empty(2, device="meta")], 1.0) is None
     monkeypatch.setattr(noise_module, "_cores", torch.get_num_threads)  # every core busy

@@ -268,6 +268,7 @@ def test_noise_drawn_ahead_resumes_bit_identical_and_equals_drawn_in_place(tmp_p
     import dpmicroadam.privacy.noise as noise_module
 
     monkeypatch.setattr(noise_module, "_cores", lambda: torch.get_num_threads() + 1)
+    monkeypatch.setattr(noise_module, "PREFETCH_MIN_ELEMENTS", 1)
     ahead_calls = []
     draw_ahead = noise_module.GaussianNoise._draw_ahead
 
