@@ -206,18 +206,16 @@ def test_no_draw_ahead_when_secure_too_large_or_small_not_on_the_cpu_or_no_core_
     secure = GaussianNoise(secure=True)
     secure.add_each_([torch.zeros(10)], 1.0)
     assert secure._ahead is None
+
+    def drawn_ahead(*sizes):
+        noise = GaussianNoise(seed=1)
+        noise.add_each_([torch.zeros(n) for n in sizes], 1.0)
+        return noise._ahead is not None
+
     monkeypatch.setattr(noise_module, "PREFETCH_MAX_ELEMENTS", 15)
-    big = GaussianNoise(seed=1)
-    big.add_each_([torch.zeros(10), torch.zeros(6)], 1.0)
-    assert big._ahead is None
-    big.add_each_([torch.zeros(10), torch.zeros(5)], 1.0)
-    assert big._ahead is not None
+    assert not drawn_ahead(10, 6) and drawn_ahead(10, 5)
     monkeypatch.setattr(noise_module, "PREFETCH_MIN_ELEMENTS", 12)
-    small = GaussianNoise(seed=1)
-    small.add_each_([torch.zeros(5), torch.zeros(6)], 1.0)
-    assert small._ahead is None
-    small.add_each_([torch.zeros(6), torch.zeros(6)], 1.0)
-    assert small._ahead is not None
+    assert not drawn_ahead(5, 6) and drawn_ahead(6, 6)
     meta = GaussianNoise(seed=1)  # a tensor on another device: drawn there, never ahead
     assert meta._plan([torch.zeros(3), torch.empty(2, device="meta")], 1.0) is None
     monkeypatch.setattr(noise_module, "_cores", torch.get_num_threads)  # every core busy
