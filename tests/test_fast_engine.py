@@ -247,7 +247,10 @@ def test_augmult_one_equals_no_view_axis_and_norms_scale():
     assert flat <= 6 * 0.1 + 1e-12
 
 
-def test_float32_matches_float64():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_float32_matches_float64(layout):
+    """In float32, with either input layout (channels-last: the conv's per-example gradients by
+    patch products), norms and sums match float64."""
     torch.manual_seed(10)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
@@ -257,6 +260,7 @@ def test_float32_matches_float64():
         nn.Linear(8 * 36, 10),
     )
     x, y = torch.randn(8, 3, 6, 6), labels(8, 10)
+    x = channels_last(x) if layout == "channels_last" else x
     sums32, norms32 = FastEngine(model, ce).clipped_sum(x, y, 1.0)
     model = model.double()
     sums64, norms64 = FastEngine(model, ce).clipped_sum(x.double(), y, 1.0)
