@@ -789,8 +789,8 @@ def test_chunks_in_different_orders_are_kept_in_the_first_chunks_order(monkeypat
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_conv_called_in_both_layouts_and_standardized_channels_last(layout, patch_products):
-    """One conv called on a channels-last and on an NCHW input: the kernel-major rows of the
-    first are put in the weight's order before the two calls are added. Weight-standardized
+    """One conv called on a channels-last and on an NCHW input: the rows of the second are put
+    in the first one's (kernel-major) order before the two calls are added. Weight-standardized
     convs on channels-last inputs take their direction in the rows' order."""
 
     class Both(nn.Module):

@@ -217,7 +217,7 @@ class ConvCall:
         """Per-example weight gradients (n, P, D), views summed over each example's k rows, each
         row's D entries in the weight's order (input channels, then kernel offsets)."""
         g, kernel_major = self.per_example_any(x, e, n, k)
-        return self.weight_order(g) if kernel_major else g
+        return self.reorder(g, kernel_major, False)
 
     def per_example_any(
         self, x: torch.Tensor, e: torch.Tensor, n: int, k: int
@@ -279,6 +279,12 @@ class ConvCall:
             patches = self._strided_patches(x[start * k : stop * k], stop - start, k)[:, 0]
             torch.bmm(o[start:stop].mT, patches, out=out[start:stop])
         return out
+
+    def reorder(self, t: torch.Tensor, kernel_major: bool, to_kernel_major: bool) -> torch.Tensor:
+        """Rows (..., D) from one order of their entries to the other (or as they are)."""
+        if kernel_major == to_kernel_major:
+            return t
+        return self.kernel_order(t) if to_kernel_major else self.weight_order(t)
 
     def weight_order(self, t: torch.Tensor) -> torch.Tensor:
         """Kernel-major rows (..., D) in the weight's order (channels, then kernel offsets)."""
@@ -395,13 +401,10 @@ def channel_stats(
             stats["total"].append((o * sums).sum(2).reshape(n, out_ch))
             continue
         parts = [call.per_example_any(x[rows], e[rows], n, k) for x, e in zip(xs, es)]
-        if len({major for _, major in parts}) > 1:  # calls in both layouts: the weight's order
-            parts = [(call.weight_order(g) if major else g, False) for g, major in parts]
-        g = _total(g for g, _ in parts)
         if sl.start == 0:
             kernel_major = parts[0][1]
-        elif parts[0][1] != kernel_major:  # every chunk's rows in the first chunk's order
-            g = call.kernel_order(g) if kernel_major else call.weight_order(g)
+        # Every call's and every chunk's rows in the order of the first call's first chunk.
+        g = _total(call.reorder(g, major, kernel_major) for g, major in parts)
         del parts
         stats["sq"].append(torch.linalg.vector_norm(g, dim=-1).square())
         stats["total"].append(g.sum(-1))
