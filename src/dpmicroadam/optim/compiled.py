@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import functools
 import time
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from ._fallback import give_up
 from .topk import SUB_BLOCKS, descend, group_width, select_rows
 
 if TYPE_CHECKING:
@@ -67,13 +67,12 @@ def run(name: str, fn: Callable, key: Any, *args: Any, mutates: bool = False) ->
     except Exception as err:
         if mutates and not first:
             raise
-        _FAILURE.append(f"{type(err).__name__}: {err}".splitlines()[0][:500])
-        warnings.warn(
-            "MicroAdam(implementation='compiled'): torch.compile failed "
-            f"({_FAILURE[0]}); running the eager implementation from now on.",
-            RuntimeWarning,
+        give_up(
+            _FAILURE, err,
+            "MicroAdam(implementation='compiled'): torch.compile failed ({reason}); running "
+            "the eager implementation from now on.",
             stacklevel=3,
-        )
+        )  # fmt: skip
         return None
     if first:
         _CALLED.add((name, id(key)))

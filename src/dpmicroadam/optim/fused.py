@@ -44,12 +44,12 @@ import os
 import platform
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ._fallback import give_up
 from .kernels import Hyper, bias_corrections, moment_weights, raise_overflow, step_size
 from .quantize import num_buckets, packed_numel
 from .topk import BlockLayout, keep_count
@@ -437,13 +437,12 @@ def _extension():
             verbose=False,
         )
     except Exception as err:  # no compiler, no ninja, a build error: the eager step runs
-        _FAILURE.append(f"{type(err).__name__}: {err}".splitlines()[0][:500])
-        warnings.warn(
-            "MicroAdam(implementation='fused'): building the C++ step failed "
-            f"({_FAILURE[0]}); running the eager packed step from now on.",
-            RuntimeWarning,
+        give_up(
+            _FAILURE, err,
+            "MicroAdam(implementation='fused'): building the C++ step failed ({reason}); "
+            "running the eager packed step from now on.",
             stacklevel=4,
-        )
+        )  # fmt: skip
         return None
     finally:
         _SECONDS.append(time.perf_counter() - start)
