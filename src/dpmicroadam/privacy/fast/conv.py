@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .linear import use_ghost
 from .owner import KEEP_RATIO, KeepBudget, Owner, cat, chunks, weighted_sum
 
@@ -271,6 +272,9 @@ class ConvCall:
         again (0.32 ms on the second conv), so the callers that only need norms and sums of
         the rows take it as it is.
         """
+        g = self._native_patch_products(x, e, n, k)
+        if g is not None:
+            return g
         o = self.out_rows(e, n, k)[:, 0]  # (n, k·L, P), a view of a channels-last e
         out = x.new_empty((n, self.weight.shape[0], self.fan_in))
         step = max(1, PATCH_CHUNK_ELEMENTS // max(1, o.shape[1] * self.fan_in))
@@ -279,6 +283,21 @@ class ConvCall:
             patches = self._strided_patches(x[start * k : stop * k], stop - start, k)[:, 0]
             torch.bmm(o[start:stop].mT, patches, out=out[start:stop])
         return out
+
+    def _native_patch_products(
+        self, x: torch.Tensor, e: torch.Tensor, n: int, k: int
+    ) -> torch.Tensor | None:
+        """:meth:`_patch_products` by the C kernel of :mod:`.native` (no patches copied), or None
+        where it does not apply (dilation, sizes no tile divides, no compiler)."""
+        if any(d != 1 for d in self.dilation) or not native.enabled():
+            return None
+        x = self.zero_padded(x)
+        if not _channels_last(x, self.dims):  # F.pad may return another layout
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        kernel, stride = tuple(self.weight.shape[2:]), self.stride
+        if self.dims == 1:  # as a 2-d conv over one row
+            x, e, kernel, stride = x.unsqueeze(2), e.unsqueeze(2), (1, *kernel), (1, *stride)
+        return native.conv2d_patch_products(x, e, n, k, kernel, stride)
 
     def reorder(self, t: torch.Tensor, kernel_major: bool, to_kernel_major: bool) -> torch.Tensor:
         """Rows (..., D) from one order of their entries to the other (or as they are)."""

@@ -1,0 +1,203 @@
+"""The C kernel for per-example conv weight gradients (dpmicroadam.privacy.fast.native)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpmicroadam.privacy.fast import FastEngine, native
+from dpmicroadam.privacy.fast.conv import ConvCall
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="needs a C compiler")
+
+
+def channels_last(x):
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def per_example_loop(layer, x, e, n, k):
+    """G_i by autograd, one example at a time, in float64, rows kernel-major."""
+    layer = copy.deepcopy(layer).double()
+    out = []
+    for i in range(n):
+        rows = slice(i * k, (i + 1) * k)
+        y = layer(x[rows].double())
+        (g,) = torch.autograd.grad((y * e[rows].double()).sum(), layer.weight)
+        out.append(g.movedim(1, -1).reshape(g.shape[0], -1))  # (P, kernel..., C) flattened
+    return torch.stack(out)
+
+
+GEOMETRIES = [
+    # the tanh CNN's convs, WRN-16-4's 3x3 convs (tiles 8x1, 4x2, 4x3)
+    (nn.Conv2d(1, 16, 8, stride=2, padding=3), (28, 28)),
+    (nn.Conv2d(16, 32, 4, stride=2), (13, 13)),
+    (nn.Conv2d(16, 64, 3, padding=1), (9, 7)),
+    # strides that skip trailing input rows, unequal strides and kernels, reflect padding
+    (nn.Conv2d(8, 8, (3, 2), stride=(2, 3), padding=(1, 0)), (10, 11)),
+    (nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="reflect"), (8, 9)),
+    (nn.Conv1d(8, 16, 5, stride=2, padding=2), (17,)),
+]
+
+
+@pytest.mark.parametrize("layer, size", GEOMETRIES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_kernel_gives_each_examples_gradient(layer, size, k, monkeypatch):
+    """The kernel's G_i (float32) equal each example's own autograd gradient (float64), views
+    summed, for every tile and geometry, and the batched matmul's."""
+    torch.manual_seed(1)
+    n = 5
+    x = channels_last(torch.randn(n * k, layer.in_channels, *size))
+    e = torch.randn_like(layer(x))
+    call = ConvCall.from_module(layer)
+    got = call._native_patch_products(call.prepare(x), e, n, k)
+    assert got is not None and got.dtype == torch.float32
+    expected = per_example_loop(layer, x, e, n, k)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    matmul, major = call.per_example_any(call.prepare(x), e, n, k)
+    assert major or layer.in_channels == 1
+    torch.testing.assert_close(got, matmul, rtol=1e-5, atol=1e-4)
+
+
+def test_the_kernel_result_does_not_depend_on_the_thread_count():
+    """Each example is summed by one thread in a fixed order: bit-identical results."""
+    torch.manual_seed(2)
+    layer = nn.Conv2d(16, 32, 3, padding=1)
+    x = channels_last(torch.randn(7, 16, 12, 12))
+    e = torch.randn_like(layer(x))
+    call = ConvCall.from_module(layer)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(call._native_patch_products(x, e, 7, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.Conv2d(3, 6, 3), channels_last(torch.randn(2, 3, 6, 6))),  # no tile divides 6, 9
+        (nn.Conv2d(8, 8, 3, dilation=2), channels_last(torch.randn(2, 8, 9, 9))),
+        (nn.Conv2d(8, 8, 3).double(), channels_last(torch.randn(2, 8, 6, 6).double())),
+    ],
+)
+def test_layers_the_kernel_does_not_take_get_none(layer, x):
+    call = ConvCall.from_module(layer)
+    e = torch.randn_like(layer(x))
+    assert call._native_patch_products(x, e, 2, 1) is None
+
+
+def test_the_switch_turns_the_kernel_off(monkeypatch):
+    layer = nn.Conv2d(8, 8, 3)
+    x = channels_last(torch.randn(2, 8, 6, 6))
+    e = torch.randn_like(layer(x))
+    call = ConvCall.from_module(layer)
+    assert call._native_patch_products(x, e, 2, 1) is not None
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.status() == "off"
+    assert call._native_patch_products(x, e, 2, 1) is None
+
+
+def tanh_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 8, stride=2, padding=3), nn.Tanh(), nn.MaxPool2d(2, 1),
+        nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+        nn.Flatten(), nn.Linear(512, 32), nn.Tanh(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def reference(model, x, y, clip_norm):
+    """Per-example gradients one example at a time (float64), flat clipping, the sum."""
+    model = model.double()
+    params = list(model.parameters())
+    sums, norms = [torch.zeros_like(p) for p in params], []
+    for i in range(y.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1].double()), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params)
+        norm = math.sqrt(sum(float(g.square().sum()) for g in grads))
+        norms.append(norm)
+        for s, g in zip(sums, grads):
+            s += min(1.0, clip_norm / norm) * g
+    return sums, torch.tensor(norms, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_engine_on_the_tanh_cnn_clips_each_example_with_and_without_the_kernel(
+    native_on, monkeypatch
+):
+    """The fast engine on the tanh CNN (float32, channels-last, both convs taken by the kernel
+    when it is on): each example's norm and the clipped sum equal the per-example reference, and
+    every example's clipped contribution has norm at most C (its own factor times its norm)."""
+    monkeypatch.setenv(native.ENV_SWITCH, "1" if native_on else "0")
+    calls = []
+    real = native.conv2d_patch_products
+    monkeypatch.setattr(
+        native, "conv2d_patch_products", lambda *a: calls.append(a[0].shape) or real(*a)
+    )
+    torch.manual_seed(3)
+    model = tanh_cnn()
+    x = channels_last(torch.randn(6, 1, 28, 28))
+    y = torch.arange(6) % 10
+    engine = FastEngine(model, lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    sums, norms = engine.clipped_sum(x, y, 0.5)
+    assert len(calls) == (2 if native_on else 0)
+    ref_sums, ref_norms = reference(copy.deepcopy(model), x, y, 0.5)
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-4, atol=1e-6)
+    for s, r in zip(sums, ref_sums):
+        torch.testing.assert_close(s.double(), r, rtol=1e-4, atol=1e-5)
+    factors = torch.clamp(0.5 / ref_norms, max=1.0)
+    assert bool((factors * ref_norms <= 0.5 * (1 + 1e-12)).all())
+
+
+def test_a_failed_build_falls_back_to_the_matmul(monkeypatch, tmp_path):
+    """No working compiler: the kernel says why, returns None, and the engine still gives the
+    per-example reference (by the batched matmul)."""
+    monkeypatch.setenv("DPMICROADAM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_FAILURE", [])
+    native._library.cache_clear()
+    try:
+        layer = nn.Conv2d(8, 8, 3)
+        x = channels_last(torch.randn(2, 8, 6, 6))
+        e = torch.randn_like(layer(x))
+        assert ConvCall.from_module(layer)._native_patch_products(x, e, 2, 1) is None
+        assert native.status().startswith("failed: ")
+        assert not list(tmp_path.glob("*.so"))
+        torch.manual_seed(4)
+        model = tanh_cnn()
+        xs, ys = channels_last(torch.randn(3, 1, 28, 28)), torch.arange(3)
+        engine = FastEngine(model, lambda o, t: F.cross_entropy(o, t, reduction="none"))
+        _, norms = engine.clipped_sum(xs, ys, math.inf)
+        ref_norms = reference(copy.deepcopy(model), xs, ys, 1.0)[1]
+        torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-4, atol=1e-6)
+    finally:
+        native._library.cache_clear()  # the next use loads the real build again
+
+
+def test_a_build_is_cached_and_reused(monkeypatch, tmp_path):
+    """The first use builds one library into the cache; a later process (here: the loader's
+    memo cleared) loads it without compiling."""
+    monkeypatch.setenv("DPMICROADAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_FAILURE", [])
+    native._library.cache_clear()
+    try:
+        assert native._library() is not None and native.status() == "built"
+        assert len(list(tmp_path.glob("conv_kernel_*"))) == 1
+        native._library.cache_clear()
+
+        def no_compiling(*args, **kwargs):
+            raise AssertionError("compiled again")
+
+        monkeypatch.setattr(native.subprocess, "run", no_compiling)
+        assert native._library() is not None, native._FAILURE
+    finally:
+        native._library.cache_clear()
