@@ -58,7 +58,7 @@ def test_kernel_gives_each_examples_gradient(layer, size, k, monkeypatch):
     assert got is not None and got.dtype == torch.float32
     expected = per_example_loop(layer, x, e, n, k)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
-    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    monkeypatch.setattr(native, "ENABLED", False)
     matmul, major = call.per_example_any(call.prepare(x), e, n, k)
     assert major or layer.in_channels == 1
     torch.testing.assert_close(got, matmul, rtol=1e-5, atol=1e-4)
@@ -97,12 +97,16 @@ def test_layers_the_kernel_does_not_take_get_none(layer, x):
 
 
 def test_the_switch_turns_the_kernel_off(monkeypatch):
+    """DPMICROADAM_NATIVE=0 at import (ENABLED after it) turns the kernel off."""
+    for value, on in (("0", False), ("off", False), ("1", True), ("", True)):
+        monkeypatch.setenv(native.ENV_SWITCH, value)
+        assert native._switch() is on
     layer = nn.Conv2d(8, 8, 3)
     x = channels_last(torch.randn(2, 8, 6, 6))
     e = torch.randn_like(layer(x))
     call = ConvCall.from_module(layer)
     assert call._native_patch_products(x, e, 2, 1) is not None
-    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    monkeypatch.setattr(native, "ENABLED", False)
     assert native.status() == "off"
     assert call._native_patch_products(x, e, 2, 1) is None
 
@@ -137,7 +141,7 @@ def test_engine_on_the_tanh_cnn_clips_each_example_with_and_without_the_kernel(
     """The fast engine on the tanh CNN (float32, channels-last, both convs taken by the kernel
     when it is on): each example's norm and the clipped sum equal the per-example reference, and
     every example's clipped contribution has norm at most C (its own factor times its norm)."""
-    monkeypatch.setenv(native.ENV_SWITCH, "1" if native_on else "0")
+    monkeypatch.setattr(native, "ENABLED", native_on)
     calls = []
     real = native.conv2d_patch_products
     monkeypatch.setattr(

@@ -376,6 +376,7 @@ def channel_stats(
     k: int,
     keep: bool,
     direction: torch.Tensor | None = None,
+    totals: bool = False,
 ) -> dict[str, Any]:
     """Per-example, per-output-channel statistics of the weight gradients G_i.
 
@@ -385,9 +386,10 @@ def channel_stats(
         b, k: Examples and views.
         keep: Instantiate G_i and keep them (else the cheapest method, :func:`norm_method`).
         direction: Optional (P, D) rows v_o; adds ``dot`` = v_o·G_{i,o} (instantiation only).
+        totals: Also return ``total``.
 
     Returns:
-        ``sq`` (b, P): ‖G_{i,o}‖²; ``total`` (b, P): Σ entries of G_{i,o}; ``dot`` (b, P) if
+        ``sq`` (b, P): ‖G_{i,o}‖²; ``total`` (b, P) if asked: Σ entries of G_{i,o}; ``dot`` (b, P) if
         asked and instantiated; ``kept`` (b, P, D) if kept, with ``kernel_major``: whether
         its rows are kernel-major (:meth:`ConvCall.weight_order` puts their sums in order).
     """
@@ -402,7 +404,7 @@ def channel_stats(
         per = groups * (pixels * (pixels + 1) + positions * (positions + 2 * d_out))
     else:
         per = out_ch * d_in + k * (xs[0][0].numel() + es[0][0].numel())
-    stats: dict[str, list] = {"sq": [], "total": []}
+    stats: dict[str, list] = {"sq": [], "total": []} if totals else {"sq": []}
     kept, kernel_major = None, False
     for sl in chunks(b, per):
         n, rows = sl.stop - sl.start, slice(sl.start * k, sl.stop * k)
@@ -417,7 +419,8 @@ def channel_stats(
                 del a
             o = cat([call.out_rows(e[rows], n, k) for e in es], 2)
             stats["sq"].append(((gram @ o) * o).sum(2).reshape(n, out_ch))
-            stats["total"].append((o * sums).sum(2).reshape(n, out_ch))
+            if totals:
+                stats["total"].append((o * sums).sum(2).reshape(n, out_ch))
             continue
         parts = [call.per_example_any(x[rows], e[rows], n, k) for x, e in zip(xs, es)]
         if sl.start == 0:
@@ -426,7 +429,8 @@ def channel_stats(
         g = _total(call.reorder(g, major, kernel_major) for g, major in parts)
         del parts
         stats["sq"].append(torch.linalg.vector_norm(g, dim=-1).square())
-        stats["total"].append(g.sum(-1))
+        if totals:
+            stats["total"].append(g.sum(-1))
         if direction is not None:
             # v_o·G_{i,o}: a product and a sum run ~4x faster on CPU than einsum's batched matmul
             v = call.kernel_order(direction) if kernel_major else direction

@@ -15,7 +15,7 @@ loaded from a cache (``$DPMICROADAM_CACHE``, else ``$XDG_CACHE_HOME/dpmicroadam`
 ``~/.cache/dpmicroadam``), keyed by the source, the flags and the compiler. Without a compiler,
 or when building fails, :func:`conv2d_patch_products` returns None and the caller takes the batched
 matmul: same results up to float rounding, only slower; :func:`status` says which.
-``DPMICROADAM_NATIVE=0`` turns the kernel off.
+``DPMICROADAM_NATIVE=0`` (read at import; :data:`ENABLED` afterwards) turns the kernel off.
 
 Threads: the examples are split over ``torch.get_num_threads()`` POSIX threads; each example is
 summed by one thread in a fixed order, so the results do not depend on the thread count.
@@ -201,9 +201,18 @@ def _library() -> ctypes.CDLL | None:
         return None
 
 
+def _switch() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# Read once, at import (a lookup per conv call showed in profiles); set it to switch at run time.
+ENABLED = _switch()
+
+
 def enabled() -> bool:
-    """Whether the kernel may be used (``DPMICROADAM_NATIVE`` is not 0)."""
-    return os.environ.get(ENV_SWITCH, "1").strip() not in ("0", "false", "no", "off")
+    """Whether the kernel may be used (:data:`ENABLED`: ``DPMICROADAM_NATIVE`` was not 0 when
+    this module was imported)."""
+    return ENABLED
 
 
 def status() -> str:

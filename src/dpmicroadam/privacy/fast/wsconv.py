@@ -182,7 +182,7 @@ class ReparamConvOwner(ConvOwner):
         direction, ratio, clamped = self._ws
         module, e = self.module, es[0]
         keep = keep_grads(call, xs, es, k, self.keep_budget)
-        stats = channel_stats(call, xs, es, b, k, keep, direction=direction)
+        stats = channel_stats(call, xs, es, b, k, keep, direction=direction, totals=True)
         self._kept = stats.get("kept")
         self._kernel_major = stats.get("kernel_major", False)
         if "dot" in stats:
