@@ -17,8 +17,11 @@ or when building fails, :func:`conv2d_patch_products` returns None and the calle
 matmul: same results up to float rounding, only slower; :func:`status` says which.
 ``DPMICROADAM_NATIVE=0`` (read at import; :data:`ENABLED` afterwards) turns the kernel off.
 
-Threads: the examples are split over ``torch.get_num_threads()`` POSIX threads; each example is
-summed by one thread in a fixed order, so the results do not depend on the thread count.
+One thread: the kernel runs only when torch runs one (``torch.get_num_threads() == 1``); with
+more, the batched matmul runs on torch's threads. Threads of the kernel's own beside torch's
+OpenMP pool ran slower: on the tanh CNN's first conv with 2 torch threads, 0.45 ms on 2 kernel
+threads and 1.16 ms right after a torch matmul (whose OpenMP thread still spins on the second
+core), against 0.54 and 0.82 ms on one (ad hoc).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ _FAILURE: list[str] = []
 TILES = ((4, 3), (4, 2), (8, 1))
 
 SOURCE = r"""
-#include <pthread.h>
 #include <stddef.h>
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -56,7 +58,6 @@ typedef struct {
   const float* x; const float* e; float* g;
   long n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw;
   int ot, nj;
-  long first, last;
 } job_t;
 
 /* g[o0+o, kh, j0+8j .. +8] = sum over views and positions of e[pos, o0+o] * x[patch row] */
@@ -94,45 +95,21 @@ TILE(4, 3)
 TILE(4, 2)
 TILE(8, 1)
 
-static void* run(void* arg) {
-  const job_t* t = (const job_t*)arg;
+void dpm_conv2d_patch_products(const float* x, const float* e, float* g, long n, long k,
+                               long H, long W, long C, long Ho, long Wo, long P, long KH,
+                               long KW, long sh, long sw, int ot, int nj) {
+  const job_t t = {x, e, g, n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw, ot, nj};
   void (*tile)(const job_t*, const float*, const float*, float*, long, long, long) =
-      t->ot == 4 && t->nj == 3 ? tile_4_3 : t->ot == 4 && t->nj == 2 ? tile_4_2 : tile_8_1;
-  const long J = t->KW * t->C, D = t->KH * J, jt = 8 * t->nj;
-  const long xs = t->H * t->W * t->C, es = t->Ho * t->Wo * t->P;
-  for (long i = t->first; i < t->last; i++) {
-    const float* xv = t->x + i * t->k * xs;
-    const float* ev = t->e + i * t->k * es;
-    float* g = t->g + i * t->P * D;
-    for (long kh = 0; kh < t->KH; kh++)
-      for (long o0 = 0; o0 < t->P; o0 += t->ot)
-        for (long j0 = 0; j0 < J; j0 += jt) tile(t, xv, ev, g, kh, o0, j0);
+      ot == 4 && nj == 3 ? tile_4_3 : ot == 4 && nj == 2 ? tile_4_2 : tile_8_1;
+  const long J = KW * C, D = KH * J, jt = 8 * nj, xs = H * W * C, es = Ho * Wo * P;
+  for (long i = 0; i < n; i++) {
+    const float* xv = x + i * k * xs;
+    const float* ev = e + i * k * es;
+    float* gi = g + i * P * D;
+    for (long kh = 0; kh < KH; kh++)
+      for (long o0 = 0; o0 < P; o0 += ot)
+        for (long j0 = 0; j0 < J; j0 += jt) tile(&t, xv, ev, gi, kh, o0, j0);
   }
-  return NULL;
-}
-
-/* Returns 0, or -1 when a thread could not be started (nothing then is left half done). */
-int dpm_conv2d_patch_products(const float* x, const float* e, float* g, long n, long k, long H,
-                              long W, long C, long Ho, long Wo, long P, long KH, long KW,
-                              long sh, long sw, int ot, int nj, int threads) {
-  if (threads > 64) threads = 64;
-  if (threads > n) threads = (int)n;
-  if (threads < 1) threads = 1;
-  job_t jobs[64];
-  pthread_t ids[64];
-  for (int r = 0; r < threads; r++) {
-    job_t j = {x, e, g, n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw, ot, nj,
-               n * r / threads, n * (r + 1) / threads};
-    jobs[r] = j;
-  }
-  int started = 0, failed = 0;
-  for (int r = 1; r < threads; r++) {
-    if (pthread_create(&ids[r], NULL, run, &jobs[r]) != 0) { failed = 1; break; }
-    started = r;
-  }
-  if (!failed) run(&jobs[0]);
-  for (int r = 1; r <= started; r++) pthread_join(ids[r], NULL);
-  return failed ? -1 : 0;
 }
 """
 
@@ -163,7 +140,7 @@ def _build() -> ctypes.CDLL:
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
-    flags = ["-O3", "-shared", "-fPIC", "-pthread", *_flags()]
+    flags = ["-O3", "-shared", "-fPIC", *_flags()]
     key = hashlib.sha256("\0".join([SOURCE, cc, *flags, platform.machine()]).encode())
     folder = cache_dir()
     try:
@@ -187,8 +164,8 @@ def _build() -> ctypes.CDLL:
             os.replace(built, target)  # atomic: concurrent builders leave one whole file
     lib = ctypes.CDLL(str(target))
     fn = lib.dpm_conv2d_patch_products
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 12 + [ctypes.c_int] * 3
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 12 + [ctypes.c_int] * 2
     return lib
 
 
@@ -242,7 +219,8 @@ def conv2d_patch_products(
 ) -> torch.Tensor | None:
     """Per-example weight gradients (n, P, KH·KW·C), rows kernel-major (kernel row, kernel
     column, channel), of an ungrouped 2-d conv with dilation 1; None where the kernel does not
-    apply or is not available (nothing was computed: take the batched matmul).
+    apply or is not available, or torch runs more than one thread (nothing was computed: take
+    the batched matmul).
 
     Args:
         x: The zero-padded input (n·k, C, H, W), channels-last; float32 on the CPU.
@@ -252,7 +230,9 @@ def conv2d_patch_products(
         kernel: (KH, KW).
         stride: (sh, sw).
     """
-    if not enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+    if not enabled() or torch.get_num_threads() != 1:
+        return None
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     if e.dtype != torch.float32 or e.device.type != "cpu" or x.dim() != 4 or e.dim() != 4:
         return None
@@ -274,11 +254,8 @@ def conv2d_patch_products(
         return None
     el = e.movedim(1, -1).contiguous()
     out = x.new_empty((n, out_channels, kh * kw * channels))
-    code = lib.dpm_conv2d_patch_products(
+    lib.dpm_conv2d_patch_products(
         xl.data_ptr(), el.data_ptr(), out.data_ptr(), n, k, height, width, channels,
         out_h, out_w, out_channels, kh, kw, sh, sw, tile[0], tile[1],
-        max(1, torch.get_num_threads()),
     )  # fmt: skip
-    if code != 0:
-        return None
     return out
