@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from dpmicroadam.privacy.fast import FastEngine, native
 from dpmicroadam.privacy.fast.conv import ConvCall
 
-pytestmark = pytest.mark.skipif(native.compiler() is None, reason="needs a C compiler")
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="needs a C compiler")
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +54,7 @@ GEOMETRIES = [
 ]
 
 
+@needs_compiler
 @pytest.mark.parametrize("layer, size", GEOMETRIES)
 @pytest.mark.parametrize("k", [1, 3])
 def test_kernel_gives_each_examples_gradient(layer, size, k, monkeypatch):
@@ -73,6 +75,7 @@ def test_kernel_gives_each_examples_gradient(layer, size, k, monkeypatch):
     torch.testing.assert_close(got, matmul, rtol=1e-5, atol=1e-4)
 
 
+@needs_compiler
 def test_with_more_torch_threads_the_matmul_runs():
     """The kernel runs on one thread only: with two torch threads it is not used, and the
     per-example gradients (the batched matmul's) equal the kernel's at one thread."""
@@ -89,6 +92,7 @@ def test_with_more_torch_threads_the_matmul_runs():
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-4)
 
 
+@needs_compiler
 @pytest.mark.parametrize(
     "layer, x",
     [
@@ -103,6 +107,7 @@ def test_layers_the_kernel_does_not_take_get_none(layer, x):
     assert call._native_patch_products(x, e, 2, 1) is None
 
 
+@needs_compiler
 def test_the_switch_turns_the_kernel_off(monkeypatch):
     """DPMICROADAM_NATIVE=0 at import (ENABLED after it) turns the kernel off."""
     for value, on in (("0", False), ("off", False), ("1", True), ("", True)):
@@ -141,7 +146,7 @@ def reference(model, x, y, clip_norm):
     return sums, torch.tensor(norms, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("native_on", [pytest.param(True, marks=needs_compiler), False])
 def test_engine_on_the_tanh_cnn_clips_each_example_with_and_without_the_kernel(
     native_on, monkeypatch
 ):
@@ -194,6 +199,7 @@ def test_a_failed_build_falls_back_to_the_matmul(monkeypatch, tmp_path):
         native._library.cache_clear()  # the next use loads the real build again
 
 
+@needs_compiler
 def test_a_build_is_cached_and_reused(monkeypatch, tmp_path):
     """The first use builds one library into the cache; a later process (here: the loader's
     memo cleared) loads it without compiling."""
@@ -210,5 +216,31 @@ def test_a_build_is_cached_and_reused(monkeypatch, tmp_path):
 
         monkeypatch.setattr(native.subprocess, "run", no_compiling)
         assert native._library() is not None, native._FAILURE
+    finally:
+        native._library.cache_clear()
+
+
+@needs_compiler
+def test_an_unusable_cache_builds_in_a_private_folder(monkeypatch, tmp_path):
+    """A cache folder that cannot be made (here a file is in the way): the library is built in
+    a fresh private folder (mkdtemp: not a shared folder where another user could plant a
+    library under the expected name), which is removed once it is loaded; the kernel works."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("DPMICROADAM_CACHE", str(blocked))
+    monkeypatch.setattr(native, "_FAILURE", [])
+    native._library.cache_clear()
+    try:
+        lib = native._library()
+        assert lib is not None, native._FAILURE
+        where = Path(lib._name)
+        assert where.parent.name.startswith("dpmicroadam-") and tmp_path not in where.parents
+        assert not where.parent.exists()  # removed once loaded: nothing left behind
+        layer = nn.Conv2d(8, 8, 3)
+        x = channels_last(torch.randn(2, 8, 6, 6))
+        e = torch.randn_like(layer(x))
+        got = ConvCall.from_module(layer)._native_patch_products(x, e, 2, 1)
+        expected = per_example_loop(layer, x, e, 2, 1)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
     finally:
         native._library.cache_clear()

@@ -12,7 +12,9 @@ The kernel is plain C with GCC/Clang vector extensions (AVX2 with FMA where torc
 or better on an x86 CPU, the platform's default vectors elsewhere), compiled by the system's C
 compiler (``$CC``, ``cc``, ``gcc`` or ``clang``) in well under a second the first time and then
 loaded from a cache (``$DPMICROADAM_CACHE``, else ``$XDG_CACHE_HOME/dpmicroadam``, else
-``~/.cache/dpmicroadam``), keyed by the source, the flags and the compiler. Without a compiler,
+``~/.cache/dpmicroadam``; where that is not writable, a private temporary folder of the
+process, removed once the library is loaded),
+keyed by the source, the flags and the compiler. Without a compiler,
 or when building fails, :func:`conv2d_patch_products` returns None and the caller takes the batched
 matmul: same results up to float rounding, only slower; :func:`status` says which.
 ``DPMICROADAM_NATIVE=0`` (read at import; :data:`ENABLED` afterwards) turns the kernel off.
@@ -142,12 +144,15 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
     flags = ["-O3", "-shared", "-fPIC", *_flags()]
     key = hashlib.sha256("\0".join([SOURCE, cc, *flags, platform.machine()]).encode())
-    folder = cache_dir()
+    folder, private = cache_dir(), False
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder} is not writable")
     except OSError:
-        folder = Path(tempfile.gettempdir()) / "dpmicroadam"
-        folder.mkdir(parents=True, exist_ok=True)
+        # Not in a shared temporary folder, where another user could plant a library under the
+        # expected name: a private folder of this process (built afresh each time).
+        folder, private = Path(tempfile.mkdtemp(prefix="dpmicroadam-")), True
     suffix = ".dll" if sys.platform == "win32" else ".so"
     target = folder / f"conv_kernel_{key.hexdigest()[:16]}{suffix}"
     if not target.exists():
@@ -163,6 +168,8 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"{cc} failed: {first[0] if first else done.returncode}")
             os.replace(built, target)  # atomic: concurrent builders leave one whole file
     lib = ctypes.CDLL(str(target))
+    if private:  # loaded: the folder is not needed any more (POSIX keeps the mapping)
+        shutil.rmtree(folder, ignore_errors=True)
     fn = lib.dpm_conv2d_patch_products
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 12 + [ctypes.c_int] * 2
