@@ -57,13 +57,19 @@ GEOMETRIES = [
 @needs_compiler
 @pytest.mark.parametrize("layer, size", GEOMETRIES)
 @pytest.mark.parametrize("k", [1, 3])
-def test_kernel_gives_each_examples_gradient(layer, size, k, monkeypatch):
+@pytest.mark.parametrize("e_layout", ["channels_last", "contiguous", "every_other_channel"])
+def test_kernel_gives_each_examples_gradient(layer, size, k, e_layout, monkeypatch):
     """The kernel's G_i (float32) equal each example's own autograd gradient (float64), views
-    summed, for every tile and geometry, and the batched matmul's."""
+    summed, for every tile and geometry and output gradients in any strides, and the batched
+    matmul's."""
     torch.manual_seed(1)
     n = 5
     x = channels_last(torch.randn(n * k, layer.in_channels, *size))
     e = torch.randn_like(layer(x))
+    if e_layout == "contiguous":
+        e = e.contiguous()
+    elif e_layout == "every_other_channel":
+        e = torch.randn(e.shape[0], 2 * e.shape[1], *e.shape[2:])[:, ::2]
     call = ConvCall.from_module(layer)
     got = call._native_patch_products(call.prepare(x), e, n, k)
     assert got is not None and got.dtype == torch.float32

@@ -59,6 +59,7 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 typedef struct {
   const float* x; const float* e; float* g;
   long n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw;
+  long en, eo, ey, ex; /* strides of e (elements): row, channel, output row, output column */
   int ot, nj;
 } job_t;
 
@@ -67,24 +68,24 @@ typedef struct {
 static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,                        \
                              const float* restrict ev, float* restrict g, long kh, long o0,   \
                              long j0) {                                                       \
-  const long W = t->W, C = t->C, Wo = t->Wo, P = t->P, sh = t->sh, sw = t->sw;                \
-  const long xs = t->H * W * C, es = t->Ho * Wo * P, J = t->KW * C, D = t->KH * J;           \
+  const long W = t->W, C = t->C, Wo = t->Wo, sh = t->sh, sw = t->sw, eo = t->eo;             \
+  const long xs = t->H * W * C, J = t->KW * C, D = t->KH * J;                                 \
   v8 acc[OT][NJ];                                                                             \
   for (int o = 0; o < OT; o++)                                                                \
     for (int j = 0; j < NJ; j++) acc[o][j] = (v8){0};                                         \
   for (long v = 0; v < t->k; v++) {                                                           \
     const float* xb = xv + v * xs + kh * W * C + j0;                                          \
-    const float* eb = ev + v * es + o0;                                                       \
+    const float* eb = ev + v * t->en + o0 * eo;                                               \
     for (long y = 0; y < t->Ho; y++) {                                                        \
       const float* xr = xb + y * sh * W * C;                                                  \
-      const float* er = eb + y * Wo * P;                                                      \
+      const float* er = eb + y * t->ey;                                                       \
       for (long q = 0; q < Wo; q++) {                                                         \
         const float* b = xr + q * sw * C;                                                     \
-        const float* a = er + q * P;                                                          \
+        const float* a = er + q * t->ex;                                                      \
         v8 bv[NJ];                                                                            \
         for (int j = 0; j < NJ; j++) bv[j] = *(const v8u*)(b + 8 * j);                       \
         for (int o = 0; o < OT; o++) {                                                        \
-          const v8 s = (v8){0} + a[o];                                                        \
+          const v8 s = (v8){0} + a[o * eo];                                                   \
           for (int j = 0; j < NJ; j++) acc[o][j] += s * bv[j];                                \
         }                                                                                     \
       }                                                                                       \
@@ -99,14 +100,15 @@ TILE(8, 1)
 
 void dpm_conv2d_patch_products(const float* x, const float* e, float* g, long n, long k,
                                long H, long W, long C, long Ho, long Wo, long P, long KH,
-                               long KW, long sh, long sw, int ot, int nj) {
-  const job_t t = {x, e, g, n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw, ot, nj};
+                               long KW, long sh, long sw, long en, long eo, long ey, long ex,
+                               int ot, int nj) {
+  const job_t t = {x, e, g, n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw, en, eo, ey, ex, ot, nj};
   void (*tile)(const job_t*, const float*, const float*, float*, long, long, long) =
       ot == 4 && nj == 3 ? tile_4_3 : ot == 4 && nj == 2 ? tile_4_2 : tile_8_1;
-  const long J = KW * C, D = KH * J, jt = 8 * nj, xs = H * W * C, es = Ho * Wo * P;
+  const long J = KW * C, D = KH * J, jt = 8 * nj, xs = H * W * C;
   for (long i = 0; i < n; i++) {
     const float* xv = x + i * k * xs;
-    const float* ev = e + i * k * es;
+    const float* ev = e + i * k * en;
     float* gi = g + i * P * D;
     for (long kh = 0; kh < KH; kh++)
       for (long o0 = 0; o0 < P; o0 += ot)
@@ -172,7 +174,7 @@ def _build() -> ctypes.CDLL:
         shutil.rmtree(folder, ignore_errors=True)
     fn = lib.dpm_conv2d_patch_products
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 12 + [ctypes.c_int] * 2
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 16 + [ctypes.c_int] * 2
     return lib
 
 
@@ -231,7 +233,8 @@ def conv2d_patch_products(
 
     Args:
         x: The zero-padded input (n·k, C, H, W), channels-last; float32 on the CPU.
-        e: Output gradients (n·k, P, Ho, Wo); float32 on the CPU, any layout.
+        e: Output gradients (n·k, P, Ho, Wo); float32 on the CPU, any strides (read where
+            they lie: each is broadcast, so no layout is faster enough to pay a copy).
         n: Examples; rows i·k .. i·k+k−1 of ``x`` and ``e`` are example i's views, summed.
         k: Views per example.
         kernel: (KH, KW).
@@ -259,10 +262,9 @@ def conv2d_patch_products(
     lib = _library()
     if lib is None:
         return None
-    el = e.movedim(1, -1).contiguous()
     out = x.new_empty((n, out_channels, kh * kw * channels))
     lib.dpm_conv2d_patch_products(
-        xl.data_ptr(), el.data_ptr(), out.data_ptr(), n, k, height, width, channels,
-        out_h, out_w, out_channels, kh, kw, sh, sw, tile[0], tile[1],
+        xl.data_ptr(), e.data_ptr(), out.data_ptr(), n, k, height, width, channels,
+        out_h, out_w, out_channels, kh, kw, sh, sw, *e.stride(), tile[0], tile[1],
     )  # fmt: skip
     return out
