@@ -52,67 +52,70 @@ TILES = ((4, 3), (4, 2), (8, 1))
 
 SOURCE = r"""
 #include <stddef.h>
+#include <stdint.h>
+
+typedef int64_t i64;
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
 typedef struct {
   const float* x; const float* e; float* g;
-  long n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw;
-  long en, eo, ey, ex; /* strides of e (elements): row, channel, output row, output column */
+  i64 n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw;
+  i64 en, eo, ey, ex; /* strides of e (elements): row, channel, output row, output column */
   int ot, nj;
 } job_t;
 
 /* g[o0+o, kh, j0+8j .. +8] = sum over views and positions of e[pos, o0+o] * x[patch row] */
-#define TILE(OT, NJ)                                                                         \
-static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,                        \
-                             const float* restrict ev, float* restrict g, long kh, long o0,   \
-                             long j0) {                                                       \
-  const long W = t->W, C = t->C, Wo = t->Wo, sh = t->sh, sw = t->sw, eo = t->eo;             \
-  const long xs = t->H * W * C, J = t->KW * C, D = t->KH * J;                                 \
-  v8 acc[OT][NJ];                                                                             \
-  for (int o = 0; o < OT; o++)                                                                \
-    for (int j = 0; j < NJ; j++) acc[o][j] = (v8){0};                                         \
-  for (long v = 0; v < t->k; v++) {                                                           \
-    const float* xb = xv + v * xs + kh * W * C + j0;                                          \
-    const float* eb = ev + v * t->en + o0 * eo;                                               \
-    for (long y = 0; y < t->Ho; y++) {                                                        \
-      const float* xr = xb + y * sh * W * C;                                                  \
-      const float* er = eb + y * t->ey;                                                       \
-      for (long q = 0; q < Wo; q++) {                                                         \
-        const float* b = xr + q * sw * C;                                                     \
-        const float* a = er + q * t->ex;                                                      \
-        v8 bv[NJ];                                                                            \
-        for (int j = 0; j < NJ; j++) bv[j] = *(const v8u*)(b + 8 * j);                       \
-        for (int o = 0; o < OT; o++) {                                                        \
-          const v8 s = (v8){0} + a[o * eo];                                                   \
-          for (int j = 0; j < NJ; j++) acc[o][j] += s * bv[j];                                \
-        }                                                                                     \
-      }                                                                                       \
-    }                                                                                         \
-  }                                                                                           \
-  for (int o = 0; o < OT; o++)                                                                \
-    for (int j = 0; j < NJ; j++) *(v8u*)(g + (o0 + o) * D + kh * J + j0 + 8 * j) = acc[o][j]; \
+#define TILE(OT, NJ)                                                                               \
+static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,                             \
+                             const float* restrict ev, float* restrict g, i64 kh, i64 o0,          \
+                             i64 j0) {                                                             \
+  const i64 W = t->W, C = t->C, Wo = t->Wo, sh = t->sh, sw = t->sw, eo = t->eo;                    \
+  const i64 xs = t->H * W * C, J = t->KW * C, D = t->KH * J;                                       \
+  v8 acc[OT][NJ];                                                                                  \
+  for (int o = 0; o < OT; o++)                                                                     \
+    for (int j = 0; j < NJ; j++) acc[o][j] = (v8){0};                                              \
+  for (i64 v = 0; v < t->k; v++) {                                                                 \
+    const float* xb = xv + v * xs + kh * W * C + j0;                                               \
+    const float* eb = ev + v * t->en + o0 * eo;                                                    \
+    for (i64 y = 0; y < t->Ho; y++) {                                                              \
+      const float* xr = xb + y * sh * W * C;                                                       \
+      const float* er = eb + y * t->ey;                                                            \
+      for (i64 q = 0; q < Wo; q++) {                                                               \
+        const float* b = xr + q * sw * C;                                                          \
+        const float* a = er + q * t->ex;                                                           \
+        v8 bv[NJ];                                                                                 \
+        for (int j = 0; j < NJ; j++) bv[j] = *(const v8u*)(b + 8 * j);                             \
+        for (int o = 0; o < OT; o++) {                                                             \
+          const v8 s = (v8){0} + a[o * eo];                                                        \
+          for (int j = 0; j < NJ; j++) acc[o][j] += s * bv[j];                                     \
+        }                                                                                          \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
+  for (int o = 0; o < OT; o++)                                                                     \
+    for (int j = 0; j < NJ; j++) *(v8u*)(g + (o0 + o) * D + kh * J + j0 + 8 * j) = acc[o][j];      \
 }
 TILE(4, 3)
 TILE(4, 2)
 TILE(8, 1)
 
-void dpm_conv2d_patch_products(const float* x, const float* e, float* g, long n, long k,
-                               long H, long W, long C, long Ho, long Wo, long P, long KH,
-                               long KW, long sh, long sw, long en, long eo, long ey, long ex,
+void dpm_conv2d_patch_products(const float* x, const float* e, float* g, i64 n, i64 k,
+                               i64 H, i64 W, i64 C, i64 Ho, i64 Wo, i64 P, i64 KH,
+                               i64 KW, i64 sh, i64 sw, i64 en, i64 eo, i64 ey, i64 ex,
                                int ot, int nj) {
   const job_t t = {x, e, g, n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw, en, eo, ey, ex, ot, nj};
-  void (*tile)(const job_t*, const float*, const float*, float*, long, long, long) =
+  void (*tile)(const job_t*, const float*, const float*, float*, i64, i64, i64) =
       ot == 4 && nj == 3 ? tile_4_3 : ot == 4 && nj == 2 ? tile_4_2 : tile_8_1;
-  const long J = KW * C, D = KH * J, jt = 8 * nj, xs = H * W * C;
-  for (long i = 0; i < n; i++) {
+  const i64 J = KW * C, D = KH * J, jt = 8 * nj, xs = H * W * C;
+  for (i64 i = 0; i < n; i++) {
     const float* xv = x + i * k * xs;
     const float* ev = e + i * k * en;
     float* gi = g + i * P * D;
-    for (long kh = 0; kh < KH; kh++)
-      for (long o0 = 0; o0 < P; o0 += ot)
-        for (long j0 = 0; j0 < J; j0 += jt) tile(&t, xv, ev, gi, kh, o0, j0);
+    for (i64 kh = 0; kh < KH; kh++)
+      for (i64 o0 = 0; o0 < P; o0 += ot)
+        for (i64 j0 = 0; j0 < J; j0 += jt) tile(&t, xv, ev, gi, kh, o0, j0);
   }
 }
 """
@@ -174,7 +177,7 @@ def _build() -> ctypes.CDLL:
         shutil.rmtree(folder, ignore_errors=True)
     fn = lib.dpm_conv2d_patch_products
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 16 + [ctypes.c_int] * 2
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 16 + [ctypes.c_int] * 2
     return lib
 
 
