@@ -89,8 +89,9 @@ def time_run(dataset: str, model: str, optimizer: str, steps: int, args, out: Pa
     if not args.keep_epsilon_cache:
         # A fresh `dpmicroadam train` computes ε afresh; this process's caches (per step count,
         # and the one-step PLD) would serve every repeat after the first for free.
-        from dpmicroadam.accounting import epsilon as eps_module
+        import importlib
 
+        eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # the module
         eps_module._epsilon.cache_clear()
         eps_module._pld_step.cache_clear()
     start = time.perf_counter()
