@@ -288,8 +288,14 @@ class ConvCall:
         self, x: torch.Tensor, e: torch.Tensor, n: int, k: int
     ) -> torch.Tensor | None:
         """:meth:`_patch_products` by the C kernel of :mod:`.native` (no patches copied), or None
-        where it does not apply (dilation, sizes no tile divides, no compiler)."""
-        if any(d != 1 for d in self.dilation) or not native.enabled():
+        where it does not apply (dilation, sizes no tile divides, more than one torch thread,
+        not float32 on the CPU, no compiler); checked before the input is padded for it."""
+        out_channels, per, width = self.weight.shape[0], self.weight.shape[1], self.weight.shape[-1]
+        if (
+            any(d != 1 for d in self.dilation)
+            or not native.usable(x)
+            or native.tile_for(out_channels, width * per) is None
+        ):
             return None
         x = self.zero_padded(x)
         if not _channels_last(x, self.dims):  # F.pad may return another layout

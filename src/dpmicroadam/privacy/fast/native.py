@@ -11,13 +11,13 @@ and the products are summed in registers, tile by tile: nothing is copied.
 The kernel is plain C with GCC/Clang vector extensions (AVX2 with FMA where torch reports AVX2
 or better on an x86 CPU, the platform's default vectors elsewhere), compiled by the system's C
 compiler (``$CC``, ``cc``, ``gcc`` or ``clang``) in well under a second the first time and then
-loaded from a cache (``$DPMICROADAM_CACHE``, else ``$XDG_CACHE_HOME/dpmicroadam``, else
-``~/.cache/dpmicroadam``; where that is not writable, a private temporary folder of the
-process, removed once the library is loaded),
-keyed by the source, the flags and the compiler. Without a compiler,
-or when building fails, :func:`conv2d_patch_products` returns None and the caller takes the batched
-matmul: same results up to float rounding, only slower; :func:`status` says which.
-``DPMICROADAM_NATIVE=0`` (read at import; :data:`ENABLED` afterwards) turns the kernel off.
+loaded from a cache keyed by the source, the flags and the compiler: ``$DPMICROADAM_CACHE``,
+else ``$XDG_CACHE_HOME/dpmicroadam``, else ``~/.cache/dpmicroadam`` (where that cannot be
+written, a private temporary folder of the process, removed once the library is loaded).
+Without a compiler, or when building fails, :func:`conv2d_patch_products` returns None and the
+caller takes the batched matmul: same results up to float rounding, only slower; :func:`status`
+says which. ``DPMICROADAM_NATIVE=0`` (read at import; :data:`ENABLED` afterwards) turns the
+kernel off.
 
 One thread: the kernel runs only when torch runs one (``torch.get_num_threads() == 1``); with
 more, the batched matmul runs on torch's threads. Threads of the kernel's own beside torch's
@@ -204,6 +204,17 @@ def enabled() -> bool:
     return ENABLED
 
 
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernel may run on input ``x`` now: enabled, one torch thread, float32 on
+    the CPU (a cheap check before any input is prepared for it)."""
+    return (
+        ENABLED
+        and torch.get_num_threads() == 1
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+    )
+
+
 def status() -> str:
     """``"built"``, ``"off"`` (``DPMICROADAM_NATIVE=0``), ``"unbuilt"`` or why it failed."""
     if not enabled():
@@ -243,9 +254,7 @@ def conv2d_patch_products(
         kernel: (KH, KW).
         stride: (sh, sw).
     """
-    if not enabled() or torch.get_num_threads() != 1:
-        return None
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if not usable(x):
         return None
     if e.dtype != torch.float32 or e.device.type != "cpu" or x.dim() != 4 or e.dim() != 4:
         return None
