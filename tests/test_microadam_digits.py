@@ -43,15 +43,6 @@ def _train(make_opt, data, epochs: int = 20, batch: int = 64, seed: int = 0) -> 
         return (model(x_te).argmax(1) == y_te).float().mean().item()
 
 
-@pytest.fixture
-def one_thread():
-    # tiny matmuls: threads only add contention on a shared CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_mlp_on_digits_is_within_3_points_of_adamw(one_thread):
     # One seed is not evidence: with a sparse update, single runs spread over +-3 points
     # (rounding-level changes move a run that much), so compare means over 5 seeds.

@@ -15,15 +15,7 @@ from dpmicroadam.privacy.fast import FastEngine, native
 from dpmicroadam.privacy.fast.conv import ConvCall
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="needs a C compiler")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernel runs when torch runs one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the kernel's condition
 
 
 def channels_last(x):

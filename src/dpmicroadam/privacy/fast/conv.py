@@ -179,11 +179,14 @@ class ConvCall:
         cols = cols.view(n, k, self.groups, self.fan_in, length).permute(0, 2, 1, 4, 3)
         return cols.reshape(n, self.groups, k * length, self.fan_in)
 
+    def padded_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`zero_padded`, channels-last (as ``x`` was; F.pad may return another layout)."""
+        x = self.zero_padded(x)
+        return x if _channels_last(x, self.dims) else x.movedim(1, -1).contiguous().movedim(-1, 1)
+
     def _strided_patches(self, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
         """:meth:`unfold` of a channels-last input: (kernel offsets, channels) per patch."""
-        x = self.zero_padded(x)
-        if not _channels_last(x, self.dims):  # F.pad may return another layout
-            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        x = self.padded_channels_last(x)
         dims, kernel, st = range(self.dims), tuple(self.weight.shape[2:]), x.stride()
         out = [
             (x.shape[2 + j] - self.dilation[j] * (kernel[j] - 1) - 1) // self.stride[j] + 1
@@ -228,9 +231,9 @@ class ConvCall:
         kernel offset with the input channels innermost (:meth:`weight_order` converts).
 
         On the CPU (the only device it was measured on), an ungrouped conv on a channels-last
-        input (with one input channel, any input is) takes one batched matmul of each example's output gradients with its patches, copied
-        from a strided view of the input (:meth:`_patch_products`), unless it has one input
-        channel and a kernel of fewer than SINGLE_CHANNEL_PATCH_MIN_FAN_IN taps: those take a
+        input (with one input channel, any input is) takes :meth:`_patch_products`: the C kernel
+        of :mod:`.native`, or one batched matmul of each example's output gradients with its
+        patches, copied from a strided view of the input; unless it has one input channel and a kernel of fewer than SINGLE_CHANNEL_PATCH_MIN_FAN_IN taps: those take a
         forward convolution (:meth:`_single_channel`). Other convs take one grouped kernel call
         (a group per example), or one ordinary call per example for wide layers, where the
         grouped kernel runs far slower per flop on CPU.
@@ -297,9 +300,7 @@ class ConvCall:
             or native.tile_for(out_channels, width * per) is None
         ):
             return None
-        x = self.zero_padded(x)
-        if not _channels_last(x, self.dims):  # F.pad may return another layout
-            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        x = self.padded_channels_last(x)
         kernel, stride = tuple(self.weight.shape[2:]), self.stride
         if self.dims == 1:  # as a 2-d conv over one row
             x, e, kernel, stride = x.unsqueeze(2), e.unsqueeze(2), (1, *kernel), (1, *stride)
@@ -535,11 +536,15 @@ class ConvOwner(Owner):
             if p is not self.module.weight:
                 out.append(weighted_sum(factors, self._grad_b))
             elif self._kept is not None:
-                total = weighted_sum(factors, self._kept)
-                out.append(call.weight_order(total) if self._kernel_major else total)
+                out.append(self._kept_sum(call, factors))
             else:
                 out.append(scaled_weight_grad(call, xs, es, factors, k))
         return out
+
+    def _kept_sum(self, call: ConvCall, factors: torch.Tensor) -> torch.Tensor:
+        """Σ_i factors[i]·G_i of the kept per-example gradients, (P, D) in the weight's order."""
+        total = weighted_sum(factors, self._kept)
+        return call.weight_order(total) if self._kernel_major else total
 
     def reset(self) -> None:
         super().reset()

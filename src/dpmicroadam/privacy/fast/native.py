@@ -59,11 +59,9 @@ typedef int64_t i64;
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
-typedef struct {
-  const float* x; const float* e; float* g;
-  i64 n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw;
+typedef struct { /* the geometry a tile needs */
+  i64 k, H, W, C, Ho, Wo, KH, KW, sh, sw;
   i64 en, eo, ey, ex; /* strides of e (elements): row, channel, output row, output column */
-  int ot, nj;
 } job_t;
 
 /* g[o0+o, kh, j0+8j .. +8] = sum over views and positions of e[pos, o0+o] * x[patch row] */
@@ -105,7 +103,7 @@ void dpm_conv2d_patch_products(const float* x, const float* e, float* g, i64 n, 
                                i64 H, i64 W, i64 C, i64 Ho, i64 Wo, i64 P, i64 KH,
                                i64 KW, i64 sh, i64 sw, i64 en, i64 eo, i64 ey, i64 ex,
                                int ot, int nj) {
-  const job_t t = {x, e, g, n, k, H, W, C, Ho, Wo, P, KH, KW, sh, sw, en, eo, ey, ex, ot, nj};
+  const job_t t = {k, H, W, C, Ho, Wo, KH, KW, sh, sw, en, eo, ey, ex};
   void (*tile)(const job_t*, const float*, const float*, float*, i64, i64, i64) =
       ot == 4 && nj == 3 ? tile_4_3 : ot == 4 && nj == 2 ? tile_4_2 : tile_8_1;
   const i64 J = KW * C, D = KH * J, jt = 8 * nj, xs = H * W * C;
@@ -198,12 +196,6 @@ def _switch() -> bool:
 ENABLED = _switch()
 
 
-def enabled() -> bool:
-    """Whether the kernel may be used (:data:`ENABLED`: ``DPMICROADAM_NATIVE`` was not 0 when
-    this module was imported)."""
-    return ENABLED
-
-
 def usable(x: torch.Tensor) -> bool:
     """Whether the kernel may run on input ``x`` now: enabled, one torch thread, float32 on
     the CPU (a cheap check before any input is prepared for it)."""
@@ -217,7 +209,7 @@ def usable(x: torch.Tensor) -> bool:
 
 def status() -> str:
     """``"built"``, ``"off"`` (``DPMICROADAM_NATIVE=0``), ``"unbuilt"`` or why it failed."""
-    if not enabled():
+    if not ENABLED:
         return "off"
     if _FAILURE:
         return f"failed: {_FAILURE[0]}"

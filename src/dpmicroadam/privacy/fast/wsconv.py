@@ -251,9 +251,7 @@ class ReparamConvOwner(ConvOwner):
         grads = []
         if call.weight.requires_grad:
             if self._kept is not None:
-                total = weighted_sum(factors, self._kept)
-                total = call.weight_order(total) if self._kernel_major else total
-                grads.append(total.reshape(call.weight.shape))
+                grads.append(self._kept_sum(call, factors).reshape(call.weight.shape))
             else:
                 grads.append(scaled_weight_grad(call, xs, es, factors, k))
         if self._grad_b is not None:
