@@ -10,7 +10,11 @@ Start-up and the final evaluation cancel in the difference, so
     per_step = (time(steps) - time(1)) / (steps - 1)
 
 and the printed ratio is DP per_step / non-private per_step, from runs interleaved in the same
-invocation (the machine is shared and noisy: compare ratios, not seconds). In this process,
+invocation (the machine is shared and noisy: compare ratios, not seconds). Each repeat times a
+DP and a non-private run back to back, so each repeat also gives a paired ratio; the row carries
+their median, a 95 % bootstrap interval of it (:func:`paired_interval`), issue 16's goal for the
+model and a verdict (:func:`verdict`): ``met`` only if the whole interval is at or below the goal,
+``missed`` only if it is wholly above, else ``unsettled``. In this process,
 garbage is collected and the ε caches are cleared before each timed run, so each run pays for
 its ε as a fresh one does (``--keep-epsilon-cache``: as before the fourteenth session, when
 later repeats got it free). One JSON line per model; ``--out FILE`` appends
@@ -37,6 +41,51 @@ from pathlib import Path
 import numpy as np
 
 SHAPES = {"mlp": (28, 28, 1), "cnn": (28, 28, 1), "wrn16-4": (32, 32, 3)}  # N x H x W x C npz
+GOALS = {"mlp": 1.6, "cnn": 1.3, "wrn16-4": 1.3}  # issue 16: DP / non-private per step, CLI level
+
+
+def paired_interval(
+    dp: list[float], plain: list[float], level: float = 0.95, draws: int = 4000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Median of the paired ratios dp[r] / plain[r] and a percentile bootstrap interval of it.
+
+    Repeats are resampled with replacement, ``draws`` times, with a fixed seed (so a row can be
+    recomputed from its runs). Pairing keeps a slow stretch of the machine, which hits both runs
+    of a repeat, from widening the interval as much as it would for independent samples.
+
+    Returns:
+        ``(median, low, high)``.
+
+    Raises:
+        ValueError: for lists of different lengths, fewer than 2 repeats, or a per-step time
+            that is not positive (a 1-step run that took longer than the long run: rerun with
+            more steps).
+    """
+    if len(dp) != len(plain) or len(dp) < 2:
+        raise ValueError(
+            f"need two equally long lists of at least 2 repeats, got {len(dp)} and {len(plain)}"
+        )
+    if min(plain) <= 0 or min(dp) <= 0:
+        raise ValueError(
+            "a per-step time is not positive (the 1-step run took longer than the long one): "
+            "rerun with more --steps"
+        )
+    ratios = np.asarray(dp, dtype=float) / np.asarray(plain, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, size=(draws, ratios.size), replace=True), axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(medians, [tail, 1 - tail])
+    return float(np.median(ratios)), float(low), float(high)
+
+
+def verdict(low: float, high: float, goal: float) -> str:
+    """``met`` if the whole interval is at or below ``goal``, ``missed`` if wholly above it,
+    else ``unsettled``."""
+    if high <= goal:
+        return "met"
+    if low > goal:
+        return "missed"
+    return "unsettled"
 
 
 def _commit() -> str:
@@ -149,6 +198,12 @@ def main() -> None:
                     }
                     per_step[optimizer].append((t[args.steps] - t[1]) / (args.steps - 1))
             dp, plain = statistics.median(per_step["dp-sgd"]), statistics.median(per_step["sgd"])
+            try:
+                paired, low, high = paired_interval(per_step["dp-sgd"], per_step["sgd"])
+                judged = verdict(low, high, GOALS[model])
+            except ValueError as err:  # keep the row (and the runs) of a long benchmark
+                paired = low = high = None
+                judged = f"not computed: {err}"
             row = {
                 "bench": "cli",
                 "commit": _commit(),
@@ -162,6 +217,10 @@ def main() -> None:
                 "dp_ms_per_step": round(1000 * dp, 2),
                 "nonprivate_ms_per_step": round(1000 * plain, 2),
                 "ratio": round(dp / plain, 3),
+                "paired_ratio": None if paired is None else round(paired, 3),
+                "paired_ratio_ci95": None if low is None else [round(low, 3), round(high, 3)],
+                "goal": GOALS[model],
+                "verdict": judged,
                 "dp_runs_ms": [round(1000 * v, 1) for v in per_step["dp-sgd"]],
                 "nonprivate_runs_ms": [round(1000 * v, 1) for v in per_step["sgd"]],
             }

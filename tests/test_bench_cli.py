@@ -1,0 +1,65 @@
+"""The statistics of ``benchmarks/bench_cli.py``: the paired ratio, its interval and the verdict."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cli.py"
+_SPEC = importlib.util.spec_from_file_location("bench_cli", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def test_paired_interval_is_the_median_of_paired_ratios():
+    dp = [12.0, 10.0, 30.0, 11.0, 9.0]
+    plain = [10.0, 10.0, 10.0, 10.0, 10.0]
+    med, low, high = bench.paired_interval(dp, plain)
+    assert med == pytest.approx(1.1)  # ratios 1.2, 1.0, 3.0, 1.1, 0.9
+    assert low <= med <= high
+    assert 0.9 <= low and high <= 3.0  # medians of resamples stay within the ratios
+
+
+def test_pairing_cancels_a_drift_that_hits_both_runs_of_a_repeat():
+    # The machine slows by up to 3x across repeats; each repeat's DP run is 1.25x its partner.
+    slow = np.linspace(1.0, 3.0, 15)
+    plain = list(5.0 * slow)
+    dp = list(6.25 * slow)
+    med, low, high = bench.paired_interval(dp, plain)
+    assert med == pytest.approx(1.25) and low == pytest.approx(1.25) and high == pytest.approx(1.25)
+
+
+def test_interval_narrows_with_more_repeats_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    plain = list(rng.uniform(5, 7, 40))
+    dp = [p * r for p, r in zip(plain, rng.uniform(1.1, 1.5, 40))]
+    _, lo_few, hi_few = bench.paired_interval(dp[:6], plain[:6])
+    _, lo_many, hi_many = bench.paired_interval(dp, plain)
+    assert hi_many - lo_many < hi_few - lo_few
+    assert bench.paired_interval(dp, plain) == (bench.paired_interval(dp, plain))
+
+
+@pytest.mark.parametrize(
+    "low, high, goal, expected",
+    [(1.1, 1.3, 1.3, "met"), (1.31, 1.5, 1.3, "missed"), (1.2, 1.4, 1.3, "unsettled"),
+     (1.3, 1.3, 1.3, "met")],
+)  # fmt: skip
+def test_verdict(low, high, goal, expected):
+    assert bench.verdict(low, high, goal) == expected
+
+
+@pytest.mark.parametrize(
+    "dp, plain, match",
+    [([1.0], [1.0], "at least 2"), ([1.0, 2.0], [1.0], "equally long"),
+     ([1.0, 2.0], [1.0, -0.5], "more --steps"), ([0.0, 2.0], [1.0, 1.0], "not positive")],
+)  # fmt: skip
+def test_paired_interval_refuses_what_it_cannot_judge(dp, plain, match):
+    with pytest.raises(ValueError, match=match):
+        bench.paired_interval(dp, plain)
+
+
+def test_goals_cover_every_model():
+    assert set(bench.GOALS) == set(bench.SHAPES)
