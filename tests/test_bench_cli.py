@@ -20,7 +20,7 @@ def test_paired_interval_is_the_median_of_paired_ratios():
     med, low, high = bench.paired_interval(dp, plain)
     assert med == pytest.approx(1.1)  # ratios 1.2, 1.0, 3.0, 1.1, 0.9
     assert low <= med <= high
-    assert 0.9 <= low and high <= 3.0  # medians of resamples stay within the ratios
+    assert low >= 0.9 and high <= 3.0  # medians of resamples stay within the ratios
 
 
 def test_pairing_cancels_a_drift_that_hits_both_runs_of_a_repeat():
@@ -39,7 +39,7 @@ def test_interval_narrows_with_more_repeats_and_is_reproducible():
     _, lo_few, hi_few = bench.paired_interval(dp[:6], plain[:6])
     _, lo_many, hi_many = bench.paired_interval(dp, plain)
     assert hi_many - lo_many < hi_few - lo_few
-    assert bench.paired_interval(dp, plain) == (bench.paired_interval(dp, plain))
+    assert bench.paired_interval(dp, plain) == bench.paired_interval(dp, plain)
 
 
 @pytest.mark.parametrize(
