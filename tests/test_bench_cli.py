@@ -63,3 +63,25 @@ def test_paired_interval_refuses_what_it_cannot_judge(dp, plain, match):
 
 def test_goals_cover_every_model():
     assert set(bench.GOALS) == set(bench.SHAPES)
+
+
+def test_step_parts_times_every_layer_of_the_private_step():
+    import sys
+
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_step_parts", _PATH.parent / "bench_step_parts.py"
+        )
+        parts = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(parts)
+    finally:
+        sys.path.remove(str(_PATH.parent))
+    row = parts.measure("cnn", batch=4, repeats=1, calls=1)
+    names = ["features.0", "features.3", "classifier.1", "classifier.3"]  # TanhCNN28's layers
+    expected = {f"{n}.{m}" for n in names for m in ("sq_norms", "sums")}
+    split = row["private_parts_ms"]
+    assert expected | {"forward with hooks", "backward+hooks", "after forward"} == set(split)
+    assert all(v >= 0 for v in split.values())
+    assert sum(split[f"{n}.sums"] for n in names) <= split["after forward"]
+    assert row["private_ms"] > 0 and row["nonprivate_ms"] > 0
