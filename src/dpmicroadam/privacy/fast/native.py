@@ -86,7 +86,9 @@ static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,          
         v8 bv[NJ];                                                                                 \
         for (int j = 0; j < NJ; j++) bv[j] = *(const v8u*)(b + 8 * j);                             \
         for (int o = 0; o < OT; o++) {                                                             \
-          const v8 s = (v8){0} + a[o * eo];                                                        \
+          /* spelled out so that the compiler broadcasts from memory (a load, not a shuffle) */    \
+          const float av = a[o * eo];                                                              \
+          const v8 s = {av, av, av, av, av, av, av, av};                                           \
           for (int j = 0; j < NJ; j++) acc[o][j] += s * bv[j];                                     \
         }                                                                                          \
       }                                                                                            \
