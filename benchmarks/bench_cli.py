@@ -88,6 +88,14 @@ def verdict(low: float, high: float, goal: float) -> str:
     return "unsettled"
 
 
+def emit(row: dict, out: str | None) -> None:
+    """Prints ``row`` as one JSON line and, with ``out``, appends it to that file."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(
@@ -224,10 +232,7 @@ def main() -> None:
                 "dp_runs_ms": [round(1000 * v, 1) for v in per_step["dp-sgd"]],
                 "nonprivate_runs_ms": [round(1000 * v, 1) for v in per_step["sgd"]],
             }
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+            emit(row, args.out)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ It first checks that both give the same gradients (to float32 rounding). Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from bench_cli import _commit  # this folder is on sys.path when run as a script
+from bench_cli import _commit, emit  # this folder is on sys.path when run as a script
 
 from dpmicroadam.privacy.fast import native
 from dpmicroadam.privacy.fast.conv import ConvCall
@@ -77,10 +76,7 @@ def main() -> None:
             "matmul_over_kernel": round(matmul / kernel, 3),
             "kernel_status": native.status(),
         }
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        emit(row, args.out)
 
 
 def _seconds(fn, reps: int = 1) -> float:

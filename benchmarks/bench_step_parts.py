@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from bench_cli import SHAPES, _commit  # this folder is on sys.path when run as a script
+from bench_cli import SHAPES, _commit, emit  # this folder is on sys.path when run as a script
 
 from dpmicroadam.models.factory import build_model
 from dpmicroadam.privacy.fast import FastEngine
@@ -130,10 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     row = measure(args.model, args.batch_size, args.repeats, args.calls)
-    print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    emit(row, args.out)
 
 
 if __name__ == "__main__":
