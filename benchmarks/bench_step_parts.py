@@ -51,7 +51,9 @@ def measure(model_name: str, batch: int, repeats: int, calls: int) -> dict:
     model = build_model(model_name, (c, h, w), 10)
     # As the CLI holds its data: a few thousand images. (The freed float tensor they are made
     # from raises glibc's mmap threshold, so later per-step buffers of a few MB come from the
-    # heap, not from fresh mappings; with only 256 images the CNN's steps ran 1.5x slower.)
+    # heap, not from fresh mappings. With 256 images the CNN's private step took 9.5-10.1 ms
+    # against 6.5-7.0 ms with 4096, non-private 4.8-7.1 against 4.5-5.0 ms: 3 alternated
+    # runs each, fifteenth session.)
     data = image_layout(torch.randn(max(4096, 4 * batch), c, h, w))
     x, y = data[:batch], torch.randint(0, 10, (batch,))
     x1, y1 = data[:1], y[:1]
