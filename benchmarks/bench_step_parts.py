@@ -26,7 +26,6 @@ from bench_cli import SHAPES, _commit, emit  # this folder is on sys.path when r
 
 from dpmicroadam.models.factory import build_model
 from dpmicroadam.privacy.fast import FastEngine
-from dpmicroadam.privacy.fast import engine as engine_module
 from dpmicroadam.train.task import image_layout
 
 
@@ -63,7 +62,7 @@ def measure(model_name: str, batch: int, repeats: int, calls: int) -> dict:
         for method in ("sq_norms", "sums"):
             key = f"{owner.name}.{method}"
             setattr(owner, method, _timed(parts, key, getattr(owner, method)))
-    grad = engine_module.torch.autograd.grad
+    grad, finish = torch.autograd.grad, engine._finish  # timed in the private case only
 
     def plain(xb, yb):
         model.zero_grad(set_to_none=True)
@@ -87,17 +86,19 @@ def measure(model_name: str, batch: int, repeats: int, calls: int) -> dict:
         for name, fn in cases.items():
             parts.clear()
             if name == "private":
-                engine_module.torch.autograd.grad = _timed(parts, "backward+hooks", grad)
-                engine._finish = _timed(
-                    parts, "after forward", type(engine)._finish.__get__(engine)
-                )
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls)
+                # The engine calls torch.autograd.grad (patched process-wide, so restored below
+                # whatever happens) and its own _finish (patched on this instance only).
+                torch.autograd.grad = _timed(parts, "backward+hooks", grad)
+                engine._finish = _timed(parts, "after forward", finish)
+            try:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name].append((time.perf_counter() - start) / calls)
+            finally:
+                torch.autograd.grad = grad
+                engine.__dict__.pop("_finish", None)
             if name == "private":
-                engine_module.torch.autograd.grad = grad
-                del engine._finish
                 total = times[name][-1] * calls
                 split["forward with hooks"].append((total - parts["after forward"]) / calls)
                 for key, value in parts.items():

@@ -233,8 +233,9 @@ class ConvCall:
         On the CPU (the only device it was measured on), an ungrouped conv on a channels-last
         input (with one input channel, any input is) takes :meth:`_patch_products`: the C kernel
         of :mod:`.native`, or one batched matmul of each example's output gradients with its
-        patches, copied from a strided view of the input; unless it has one input channel and a kernel of fewer than SINGLE_CHANNEL_PATCH_MIN_FAN_IN taps: those take a
-        forward convolution (:meth:`_single_channel`). Other convs take one grouped kernel call
+        patches, copied from a strided view of the input; unless it has one input channel and a
+        kernel of fewer than SINGLE_CHANNEL_PATCH_MIN_FAN_IN taps: those take a forward
+        convolution (:meth:`_single_channel`). Other convs take one grouped kernel call
         (a group per example), or one ordinary call per example for wide layers, where the
         grouped kernel runs far slower per flop on CPU.
         """
