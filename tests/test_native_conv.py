@@ -245,3 +245,71 @@ def test_an_unusable_cache_builds_in_a_private_folder(monkeypatch, tmp_path):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
     finally:
         native._library.cache_clear()
+
+
+def unfolded_patches(call, x, n, k):
+    """Each example's patches (n, groups, T, D) by ``F.unfold`` of the zero-padded input, in
+    float64, positions view by view (T = k views × output pixels)."""
+    x = F.pad(x.double(), [p for size in reversed(call.padding) for p in (size, size)])
+    kernel, stride, dilation = tuple(call.weight.shape[2:]), call.stride, call.dilation
+    if call.dims == 1:
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (n·k, C·taps, L)
+    g, length = call.groups, cols.shape[-1]
+    return cols.view(n, k, g, -1, length).permute(0, 2, 1, 4, 3).reshape(n, g, k * length, -1)
+
+
+PIXEL_GEOMETRIES = [
+    # WRN-16-4's stride-1 3x3 conv, stride and kernel unequal, dilation with groups, 1x1, 1-d
+    (dict(kernel_size=3, padding=1), (7, 6), 1, 1),
+    (dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0)), (10, 11), 3, 1),
+    (dict(kernel_size=3, stride=2, dilation=2, padding=2), (9, 9), 2, 2),
+    (dict(kernel_size=1), (5, 5), 1, 1),
+    (dict(kernel_size=5, stride=2, padding=2), (17,), 2, 1),
+]
+
+
+@pytest.mark.parametrize("native_on", [pytest.param(True, marks=needs_compiler), False])
+@pytest.mark.parametrize("conv, size, k, groups", PIXEL_GEOMETRIES)
+def test_pixel_gram_matches_the_patches_gram(conv, size, k, groups, native_on, monkeypatch):
+    """The pixel ghost norm's patch Gram matrix (the C kernel's sum over kernel offsets, or the
+    two passes of strided views) equals that of the unfolded patches, and the kernel ran
+    exactly when it was on."""
+    from dpmicroadam.privacy.fast import conv as conv_module
+
+    torch.manual_seed(3)
+    layer = (nn.Conv1d if len(size) == 1 else nn.Conv2d)(4, 6, groups=groups, **conv)
+    call = ConvCall.from_module(layer)
+    n = 3
+    x = torch.randn(n * k, 4, *size)
+    out = layer(x).shape[2:]
+    monkeypatch.setattr(native, "ENABLED", native_on)
+    ran = []  # per call: whether the kernel computed the Gram matrix
+    shift = native.shift_gram
+
+    def recorded(*args):
+        gram = shift(*args)
+        ran.append(gram is not None)
+        return gram
+
+    monkeypatch.setattr(native, "shift_gram", recorded)
+    gram, sums = conv_module._pixel_gram(call, call.prepare(x), out, n, k)
+    patches = unfolded_patches(call, x, n, k)
+    torch.testing.assert_close(gram.double(), patches @ patches.mT, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums.double(), patches.sum(-1, keepdim=True), rtol=1e-5, atol=1e-4)
+    assert ran == [native_on]
+
+
+@needs_compiler
+def test_pixel_gram_kernel_declines_what_it_cannot_do(one_thread):
+    """float64, a non-contiguous Gram matrix, a patch reading past the pixels, or more than one
+    torch thread: None (nothing computed), so the strided views run."""
+    square = torch.randn(2, 9, 9)
+    args = (1, (3, 3), (1, 1), (3, 3), (1, 1), (1, 1))
+    assert native.shift_gram(square, *args) is not None
+    assert native.shift_gram(square.double(), *args) is None
+    assert native.shift_gram(square.mT, *args) is None
+    assert native.shift_gram(square, 1, (3, 3), (2, 1), (3, 3), (1, 1), (1, 1)) is None
+    torch.set_num_threads(2)
+    assert native.shift_gram(square, *args) is None

@@ -118,6 +118,39 @@ void dpm_conv2d_patch_products(const float* x, const float* e, float* g, i64 n, 
         for (i64 j0 = 0; j0 < J; j0 += jt) tile(&t, xv, ev, gi, kh, o0, j0);
   }
 }
+
+/* The patches' Gram matrix from the pixels' one, per block b (example and group):
+   G[b, s, t] = sum over kernel offsets (i, j) of P[b, px(s, i, j), px(t, i, j)], positions
+   s = (view, y, x) over k views of Ho x Wo outputs, px(s, i, j) = (view, y sh + i dh, x sw + j dw)
+   in a view's Hp x Wp padded pixels. P: (nb, k Hp Wp, k Hp Wp), G: (nb, k Ho Wo, k Ho Wo), both
+   contiguous. Each output row is summed where it lies (one example's P stays in cache). */
+static void shift_row(float* restrict g, const float* restrict p, i64 Wo, i64 sw) {
+  if (sw == 1)
+    for (i64 q = 0; q < Wo; q++) g[q] += p[q];
+  else
+    for (i64 q = 0; q < Wo; q++) g[q] += p[q * sw];
+}
+
+void dpm_shift_gram(const float* P, float* G, i64 nb, i64 k, i64 Hp, i64 Wp, i64 Ho, i64 Wo,
+                    i64 KH, i64 KW, i64 sh, i64 sw, i64 dh, i64 dw) {
+  const i64 A = Hp * Wp, NP = k * A, T = k * Ho * Wo;
+  for (i64 b = 0; b < nb; b++) {
+    const float* Pb = P + b * NP * NP;
+    for (i64 s = 0; s < T; s++) {
+      const i64 v1 = s / (Ho * Wo), y1 = (s / Wo) % Ho, x1 = s % Wo;
+      float* g = G + (b * T + s) * T;
+      for (i64 t = 0; t < T; t++) g[t] = 0.0f;
+      for (i64 i = 0; i < KH; i++)
+        for (i64 j = 0; j < KW; j++) {
+          const float* row = Pb + (v1 * A + (y1 * sh + i * dh) * Wp + x1 * sw + j * dw) * NP;
+          for (i64 v2 = 0; v2 < k; v2++)
+            for (i64 y2 = 0; y2 < Ho; y2++)
+              shift_row(g + (v2 * Ho + y2) * Wo, row + v2 * A + (y2 * sh + i * dh) * Wp + j * dw,
+                        Wo, sw);
+        }
+    }
+  }
+}
 """
 
 
@@ -178,6 +211,9 @@ def _build() -> ctypes.CDLL:
     fn = lib.dpm_conv2d_patch_products
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 16 + [ctypes.c_int] * 2
+    fn = lib.dpm_shift_gram
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 12
     return lib
 
 
@@ -274,3 +310,44 @@ def conv2d_patch_products(
         out_h, out_w, out_channels, kh, kw, sh, sw, *e.stride(), tile[0], tile[1],
     )  # fmt: skip
     return out
+
+
+def shift_gram(
+    pixel_gram: torch.Tensor,
+    k: int,
+    pixels: tuple[int, int],
+    out: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor | None:
+    """The patches' Gram matrices (nb, k·Ho·Wo, k·Ho·Wo) of a 2-d conv from its padded input
+    pixels' Gram matrices ``pixel_gram`` (nb, k·Hp·Wp, k·Hp·Wp): entry (s, t) is the sum over
+    kernel offsets δ of the pixel Gram entry at the pixels patches s and t read at δ. None
+    where the kernel does not apply or is not available (nothing was computed).
+
+    Args:
+        pixel_gram: Contiguous, float32 on the CPU; block b holds one example's (and group's)
+            k views' pixels, view by view, each row by row.
+        k: Views per example.
+        pixels: (Hp, Wp) padded input size; out: (Ho, Wo) output size.
+        kernel, stride, dilation: The conv's, 2-d.
+    """
+    if not usable(pixel_gram) or pixel_gram.dim() != 3 or not pixel_gram.is_contiguous():
+        return None
+    (hp, wp), (ho, wo), (kh, kw) = pixels, out, kernel
+    (sh, sw), (dh, dw) = stride, dilation
+    nb, side = pixel_gram.shape[0], k * hp * wp
+    if pixel_gram.shape[1:] != (side, side) or min(ho, wo, kh, kw) < 1:
+        return None
+    if (ho - 1) * sh + (kh - 1) * dh >= hp or (wo - 1) * sw + (kw - 1) * dw >= wp:
+        return None  # a patch would read outside the pixels
+    lib = _library()
+    if lib is None:
+        return None
+    positions = k * ho * wo
+    gram = pixel_gram.new_empty((nb, positions, positions))
+    lib.dpm_shift_gram(
+        pixel_gram.data_ptr(), gram.data_ptr(), nb, k, hp, wp, ho, wo, kh, kw, sh, sw, dh, dw
+    )
+    return gram
