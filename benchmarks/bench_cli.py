@@ -31,6 +31,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -104,6 +105,20 @@ def _commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows: rows of
+    different machines differ by more than their intervals (the sixteenth session's AMD EPYC
+    ran the tanh CNN's non-private CLI step in 11.4 ms, the fifteenth's machine in 5.3 ms)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def make_data(folder: Path, shape: tuple[int, ...], n_train: int, n_test: int) -> Path:
@@ -215,6 +230,7 @@ def main() -> None:
             row = {
                 "bench": "cli",
                 "commit": _commit(),
+                "cpu": cpu_name(),
                 "model": model,
                 "dataset": args.dataset or "random npz",
                 "batch_size": args.batch_size,

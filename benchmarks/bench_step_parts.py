@@ -22,7 +22,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_cli import SHAPES, _commit, emit  # this folder is on sys.path when run as a script
+
+# this folder is on sys.path when run as a script
+from bench_cli import SHAPES, _commit, cpu_name, emit
 
 from dpmicroadam.models.factory import build_model
 from dpmicroadam.privacy.fast import FastEngine
@@ -107,6 +109,7 @@ def measure(model_name: str, batch: int, repeats: int, calls: int) -> dict:
     return {
         "bench": "step_parts",
         "commit": _commit(),
+        "cpu": cpu_name(),
         "model": model_name,
         "batch_size": batch,
         "threads": torch.get_num_threads(),

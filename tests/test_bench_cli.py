@@ -61,6 +61,23 @@ def test_paired_interval_refuses_what_it_cannot_judge(dp, plain, match):
         bench.paired_interval(dp, plain)
 
 
+def test_cpu_name_reads_the_model_name(monkeypatch, tmp_path):
+    """Rows name the CPU (machines differ by more than the intervals): /proc/cpuinfo's model
+    name where there is one, else platform's answer."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: Acme\nmodel name\t: Acme Z80 @ 4 MHz\n")
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k),
+    )
+    assert bench.cpu_name() == "Acme Z80 @ 4 MHz"
+    info.write_text("processor\t: 0\n")
+    monkeypatch.setattr(bench.platform, "processor", lambda: "")
+    monkeypatch.setattr(bench.platform, "machine", lambda: "riscv64")
+    assert bench.cpu_name() == "riscv64"
+
+
 def test_goals_cover_every_model():
     assert set(bench.GOALS) == set(bench.SHAPES)
 
@@ -85,3 +102,4 @@ def test_step_parts_times_every_layer_of_the_private_step():
     assert all(v >= 0 for v in split.values())
     assert sum(split[f"{n}.sums"] for n in names) <= split["after forward"]
     assert row["private_ms"] > 0 and row["nonprivate_ms"] > 0
+    assert row["cpu"] == bench.cpu_name()
