@@ -160,12 +160,10 @@ def time_run(dataset: str, model: str, optimizer: str, steps: int, args, out: Pa
     gc.collect()
     if not args.keep_epsilon_cache:
         # A fresh `dpmicroadam train` computes ε afresh; this process's caches (per step count,
-        # and the one-step PLD) would serve every repeat after the first for free.
+        # the one-step PLD and its tail moments) would serve every repeat after the first for free.
         import importlib
 
-        eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # the module
-        eps_module._epsilon.cache_clear()
-        eps_module._pld_step.cache_clear()
+        importlib.import_module("dpmicroadam.accounting.epsilon").clear_caches()  # the module
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         code = cli_main(argv[3:])

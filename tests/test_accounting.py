@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import subprocess
 import sys
@@ -124,6 +125,60 @@ def test_pld_at_equals_pld_accountant_and_its_cache_is_not_mutated(
     assert _pld_step.cache_info().hits >= 1
     assert other == reference(2 * steps + 1) and other > first
     assert _pld_at(sigma, q, steps, 1e-5, interval) == first
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps"),
+    [(1.0, 64 / 1800, 1), (1.0, 64 / 1800, 241), (0.8, 0.01, 3000), (2.0, 1.0, 7)],
+)
+def test_self_composition_with_cached_tail_moments_is_the_librarys_to_the_bit(
+    sigma: float, q: float, steps: int
+) -> None:
+    """Our self-composition (the Chernoff bounds' moments cached per one-step PLD) gives the
+    PMFs of dp_accounting's own ``self_compose`` exactly: the same loss grid, probabilities,
+    infinity mass and ε; q = 1 is the symmetric (unsampled) Gaussian PLD."""
+    eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # not the function
+
+    interval = 1e-3
+    one = eps_module._pld_step(sigma, q, interval)
+    moments = eps_module._tail_moments(sigma, q, interval)
+    assert moments is not None  # a dense PLD: our path runs
+    ours, theirs = eps_module._self_compose(one, steps, moments), one.self_compose(steps)
+    pairs = [(ours._pmf_remove, theirs._pmf_remove), (ours._pmf_add, theirs._pmf_add)]
+    assert ours._symmetric == theirs._symmetric == (q == 1.0)
+    for a, b in pairs:
+        assert type(a) is type(b)
+        assert a._lower_loss == b._lower_loss and a._infinity_mass == b._infinity_mass
+        assert a._probs.shape == b._probs.shape and (a._probs == b._probs).all()
+    assert ours.get_epsilon_for_delta(1e-5) == theirs.get_epsilon_for_delta(1e-5)
+
+
+def test_tail_moments_are_computed_once_per_step_pld_and_cleared_with_the_rest() -> None:
+    eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # not the function
+
+    eps_module.clear_caches()
+    first = eps_module._epsilon(1.0, 0.05, 100, 1e-5, "pld")
+    misses = eps_module._tail_moments.cache_info().misses
+    assert misses >= 2  # the coarse and the fine interval
+    eps_module._epsilon(1.0, 0.05, 150, 1e-5, "pld")  # another evaluation, same step PLD
+    assert eps_module._tail_moments.cache_info().misses == misses
+    eps_module.clear_caches()
+    info = [f.cache_info().currsize for f in (eps_module._epsilon, eps_module._pld_step)]
+    assert info == [0, 0] and eps_module._tail_moments.cache_info().currsize == 0
+    assert eps_module._epsilon(1.0, 0.05, 100, 1e-5, "pld") == first
+
+
+def test_a_pld_that_is_not_dense_takes_the_librarys_self_composition() -> None:
+    """Where the PMF is not dp_accounting's dense one (here the sparse identity), no moments are
+    formed and the library composes it."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # not the function
+
+    pld = privacy_loss_distribution.identity(value_discretization_interval=1e-3)
+    assert eps_module._dense_pmfs(pld) is None
+    composed = eps_module._self_compose(pld, 5, None)
+    assert composed.get_epsilon_for_delta(1e-5) == pld.self_compose(5).get_epsilon_for_delta(1e-5)
 
 
 # ---------------------------------------------------------------- shape of ε
