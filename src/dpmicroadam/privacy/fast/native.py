@@ -8,6 +8,10 @@ the input in runs of 8 floats and costs as much as the matmul. Here a patch row'
 kernel-width × channels entries are read where they lie (contiguous in a channels-last input)
 and the products are summed in registers, tile by tile: nothing is copied.
 
+The same library holds :func:`shift_gram`, the pixel ghost norm's sum of the pixel Gram matrix
+over the kernel offsets (:func:`~dpmicroadam.privacy.fast.conv._pixel_gram`), under the same
+conditions (one torch thread, float32 on the CPU, a compiler).
+
 The kernel is plain C with GCC/Clang vector extensions (AVX2 with FMA where torch reports AVX2
 or better on an x86 CPU, the platform's default vectors elsewhere), compiled by the system's C
 compiler (``$CC``, ``cc``, ``gcc`` or ``clang``) in well under a second the first time and then
