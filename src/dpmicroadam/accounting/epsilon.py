@@ -168,8 +168,8 @@ CHERNOFF_ORDERS = tuple(k for k in range(-20, 21) if k)
 
 @functools.lru_cache(maxsize=32)
 def _tail_moments(sigma: float, q: float, interval: float) -> tuple | None:
-    """``(orders, log E[e^{λX}] at each order λ)`` of the one-step PLD's loss index X, one pair per
-    PMF (remove, add), or None where the PLD is not the dense one this module knows how to
+    """``(pmf, orders, log E[e^{λX}] at each order λ)`` of the one-step PLD's loss index X, one
+    per dense PMF (remove, add), or None where the PLD is not the dense one this module knows how to
     compose (the library's own self-composition then runs).
 
     ``dp_accounting`` computes them afresh at every self-composition (two PMFs × 40
@@ -184,7 +184,8 @@ def _tail_moments(sigma: float, q: float, interval: float) -> tuple | None:
         probs = pmf._probs  # noqa: SLF001 (dp_accounting's dense PMF)
         index = np.arange(len(probs))
         orders = np.array(CHERNOFF_ORDERS, dtype=float) / len(probs)
-        moments.append((orders, [special.logsumexp(index * order, b=probs) for order in orders]))
+        log_mgfs = [special.logsumexp(index * order, b=probs) for order in orders]
+        moments.append((pmf, orders, log_mgfs))
     return tuple(moments)
 
 
@@ -204,7 +205,8 @@ def _dense_pmfs(pld) -> list | None:
 
 
 def _self_compose(one, steps: int, moments):
-    """``one.self_compose(steps)``, with the Chernoff bounds' moments taken from ``moments``.
+    """``one.self_compose(steps)``, with the Chernoff bounds' moments taken from ``moments``
+    (:func:`_tail_moments` of ``one``; None: the library's own self-composition).
 
     The T-fold self-convolution of a PMF over loss indices 0..L-1 is formed by one FFT; only
     the indices within the Chernoff bounds of the sum of T draws are kept: for an order λ,
@@ -214,16 +216,16 @@ def _self_compose(one, steps: int, moments):
     """
     if moments is None:
         return one.self_compose(steps)
-    composed = [_self_compose_pmf(pmf, steps, m) for pmf, m in zip(_dense_pmfs(one), moments)]
+    composed = [_self_compose_pmf(pmf, steps, orders, logs) for pmf, orders, logs in moments]
     return privacy_loss_distribution.PrivacyLossDistribution(*composed)
 
 
-def _self_compose_pmf(pmf, steps: int, moments):
+def _self_compose_pmf(pmf, steps: int, orders, log_mgfs):
     """One dense PMF composed ``steps`` times with itself (see :func:`_self_compose`)."""
     probs = pmf._probs  # noqa: SLF001 (dp_accounting's dense PMF, checked by _dense_pmfs)
     low, high = 0, (len(probs) - 1) * steps
     log_two_over_tail = math.log(2 / SELF_COMPOSE_TAIL)
-    for order, log_mgf in zip(*moments):
+    for order, log_mgf in zip(orders, log_mgfs):
         bound = (steps * log_mgf + log_two_over_tail) / order
         if not math.isfinite(bound):
             continue
