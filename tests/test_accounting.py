@@ -153,6 +153,93 @@ def test_self_composition_with_cached_tail_moments_is_the_librarys_to_the_bit(
     assert ours.get_epsilon_for_delta(1e-5) == theirs.get_epsilon_for_delta(1e-5)
 
 
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps", "interval"),
+    [
+        (1.0, 64 / 1800, 241, 5e-4),
+        (0.6, 0.2, 300, 2e-3),
+        (2.0, 1.0, 7, 1e-3),
+        (5.0, 1e-3, 10, 1e-4),
+    ],
+)
+@pytest.mark.parametrize("delta", [1e-10, 1e-5, 1e-2, 0.3])
+def test_pld_at_takes_the_accountants_last_steps_to_the_bit(
+    sigma: float, q: float, steps: int, interval: float, delta: float
+) -> None:
+    """Composing with the accountant's identity PLD and ε for δ, done here without the
+    library's loops in Python, give the library's ε exactly (also 0 and for a symmetric PLD)."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # not the function
+
+    one = eps_module._pld_step(sigma, q, interval)
+    composed = eps_module._self_compose(one, steps, eps_module._tail_moments(sigma, q, interval))
+    start = privacy_loss_distribution.identity(value_discretization_interval=interval)
+    theirs = start.compose(composed)
+    assert eps_module._pld_at(sigma, q, steps, delta, interval) == float(
+        theirs.get_epsilon_for_delta(delta)
+    )
+    identity = start._pmf_remove.to_dense_pmf()
+    pairs = [(composed._pmf_remove, theirs._pmf_remove), (composed._pmf_add, theirs._pmf_add)]
+    for pmf, their in pairs:
+        lower, probs, infinity, step = eps_module._after_identity(identity, pmf)
+        assert (lower, infinity, step) == (their._lower_loss, their._infinity_mass, interval)
+        assert probs.shape == their._probs.shape and (probs == their._probs).all()
+
+
+def _library_epsilon(lower, probs, infinity, interval, delta):
+    from dp_accounting.pld import pld_pmf
+
+    try:
+        return pld_pmf.DensePLDPmf(interval, lower, probs, infinity, True).get_epsilon_for_delta(
+            delta
+        )
+    except OverflowError:
+        return "OverflowError"
+
+
+def test_dense_epsilon_is_the_librarys_on_random_pmfs() -> None:
+    """Every outcome of the library's walk, compared by value and type on random PMFs: a loss
+    it stops at, ε = 0 (int), ∞ (infinity mass above δ), and its OverflowError."""
+    import numpy as np
+
+    eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # not the function
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(150):
+        n = int(rng.integers(1, 5000))
+        probs = rng.random(n) ** rng.uniform(1, 30)
+        probs /= probs.sum() * rng.uniform(1, 1.3)
+        lower = int(rng.integers(-3000, 3000))
+        interval = float(rng.choice([1e-3, 1e-2, 0.37, 1.0, 50.0]))
+        infinity = float(rng.choice([0.0, 1e-12, 1e-6, 0.1]))
+        for delta in (1e-8, 1e-5, 0.01, 0.5):
+            theirs = _library_epsilon(lower, probs, infinity, interval, delta)
+            try:
+                ours = eps_module._dense_epsilon(lower, probs, infinity, interval, delta)
+            except OverflowError:
+                ours = "OverflowError"
+            assert ours == theirs and type(ours) is type(theirs), (n, lower, interval, delta)
+            seen.add(theirs if isinstance(theirs, str) or theirs in (0, math.inf) else "loss")
+    assert seen == {"loss", 0, math.inf, "OverflowError"}
+
+
+def test_dense_epsilon_returns_the_loss_where_the_lower_mass_underflows() -> None:
+    """Losses so large that e^{-loss} is 0: the walk returns the loss at which the upper mass
+    reaches δ, as the library does (its early return)."""
+    import numpy as np
+
+    eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # not the function
+
+    probs = np.full(3000, 1 / 3000)
+    for lower, delta in [(100, 1e-5), (100, 0.5), (-20, 0.9)]:
+        theirs = _library_epsilon(lower, probs, 0.0, 10.0, delta)
+        ours = eps_module._dense_epsilon(lower, probs, 0.0, 10.0, delta)
+        assert ours == theirs and type(ours) is type(theirs)
+    assert eps_module._dense_epsilon(100, probs, 0.0, 10.0, 0.5) == 10.0 * (100 + 1500)
+
+
 def test_tail_moments_are_computed_once_per_step_pld_and_cleared_with_the_rest() -> None:
     eps_module = importlib.import_module("dpmicroadam.accounting.epsilon")  # not the function
 

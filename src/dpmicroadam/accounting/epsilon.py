@@ -14,7 +14,9 @@ Two accountants from ``dp_accounting`` (Google's accounting library) do the anal
   until halving it moves ε by less than about 1e-3·max(ε, 0.1) (see :func:`_pld_epsilon`).
   The T-fold self-composition of the one-step PLD is formed here, as the library forms it and
   equal to its result bit for bit, except that the moments of its Chernoff tail bounds are
-  computed once per one-step PLD instead of at every composition (:func:`_self_compose`).
+  computed once per one-step PLD instead of at every composition (:func:`_self_compose`); so are
+  the accountant's last steps, composing with its identity PLD and ε for δ, vectorised here
+  where the library loops in Python (:func:`_pld_at`).
 - ``"rdp"``: Rényi DP (Mironov, arXiv 1702.07476; Mironov et al., arXiv 1908.10530) over a wide
   grid of orders, with the conversion of Canonne et al. (arXiv 2004.00010). Looser than PLD.
 
@@ -30,7 +32,7 @@ import dp_accounting
 import numpy as np
 from dp_accounting.pld import pld_pmf, privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
-from scipy import fft, special
+from scipy import fft, signal, special
 
 from dpmicroadam.accounting._validate import (
     check_accountant,
@@ -151,12 +153,114 @@ def clear_caches() -> None:
 
 
 def _pld_at(sigma: float, q: float, steps: int, delta: float, interval: float) -> float:
-    """PLD ε at one interval: what ``PLDAccountant(interval).compose(dp_event(...))`` gives."""
+    """PLD ε at one interval: what ``PLDAccountant(interval).compose(dp_event(...))`` gives.
+
+    On the dense PLDs this module composes itself, the accountant's last two steps (composing
+    with its identity PLD, then ε for δ) run here too, vectorised and equal to the library's
+    result bit for bit (:func:`_after_identity`, :func:`_dense_epsilon`); the library's loops
+    over the PMF in Python took 2/3 of an ε at an evaluation (ad hoc profile).
+    """
     one = _pld_step(sigma, q, interval)
-    composed = _self_compose(one, steps, _tail_moments(sigma, q, interval))
+    moments = _tail_moments(sigma, q, interval)
     pld = privacy_loss_distribution.identity(value_discretization_interval=interval)
-    pld = pld.compose(composed)
-    return float(pld.get_epsilon_for_delta(delta))
+    if moments is None:
+        return float(pld.compose(_self_compose(one, steps, None)).get_epsilon_for_delta(delta))
+    identity = pld._pmf_remove.to_dense_pmf()  # noqa: SLF001 (the PLD accountant's start)
+    eps = [
+        _dense_epsilon(*_after_identity(identity, _self_compose_pmf(pmf, steps, orders, logs)),
+                       delta)
+        for pmf, orders, logs in moments
+    ]  # fmt: skip
+    return float(max(eps))  # as PrivacyLossDistribution.get_epsilon_for_delta: (remove, add)
+
+
+# What PrivacyLossDistribution.compose truncates by default (as the accountant composes).
+COMPOSE_TAIL = 1e-15
+
+
+def _after_identity(identity, pmf) -> tuple:
+    """``(lower_loss, probs, infinity_mass, interval)`` of ``identity.compose(pmf)`` for dense
+    PMFs, with the library's FFT convolution and tail truncation (its prefix search, a loop
+    in Python there, is a running sum here: the same additions in the same order)."""
+    a, b = identity, pmf
+    lower = a._lower_loss + b._lower_loss  # noqa: SLF001
+    probs = signal.fftconvolve(a._probs, b._probs)  # noqa: SLF001
+    infinity = a._infinity_mass + b._infinity_mass - a._infinity_mass * b._infinity_mass  # noqa: SLF001
+    half = COMPOSE_TAIL / 2
+    left = _prefix_to_truncate(probs, half)
+    right = max(len(probs) - _prefix_to_truncate(np.flip(probs), half), left + 1)
+    left_mass, right_mass = np.sum(probs[:left]), np.sum(probs[right:])
+    kept = probs[left:right]
+    if a._pessimistic_estimate:  # noqa: SLF001
+        kept[0] += left_mass
+        return lower + left, kept, infinity + right_mass, a._discretization  # noqa: SLF001
+    kept[-1] += right_mass
+    return lower + left, kept, infinity + 0, a._discretization  # noqa: SLF001
+
+
+def _prefix_to_truncate(values: np.ndarray, threshold: float) -> int:
+    """The first index at which the running sum of ``values`` exceeds ``threshold``, else the
+    length (dp_accounting's prefix search: its sum adds the same values in the same order)."""
+    over = np.flatnonzero(np.cumsum(values) > threshold)
+    return int(over[0]) if over.size else len(values)
+
+
+def _dense_epsilon(
+    lower_loss: int, probs: np.ndarray, infinity_mass: float, interval: float, delta: float
+) -> float:
+    """The smallest ε whose hockey-stick divergence is at most δ, for a dense PMF: what
+    ``DensePLDPmf.get_epsilon_for_delta`` returns, bit for bit, without its loop in Python.
+
+    The library walks the losses from the largest down, adding each probability to the upper
+    mass and e^{-loss}·probability to the lower one, and stops at the first loss at or below
+    log((upper − δ)/lower). Here the losses (the library's repeated subtraction of the interval)
+    and both masses are running sums (``np.cumsum`` adds in order, as the loop does); e^{-loss}
+    is ``math.exp``'s, in blocks, only as far as the walk goes; and the stopping test is
+    screened with ``np.log`` and decided with ``math.log``.
+    """
+    if infinity_mass > delta:
+        return math.inf
+    n = len(probs)
+    if n == 0:
+        return 0  # the loop runs no step, and infinity_mass <= delta
+    upper_loss = (lower_loss + n - 1) * interval
+    losses = np.cumsum(np.concatenate(([upper_loss], np.full(n - 1, -interval))))
+    if losses[-1] < -700:  # e^{-loss} may overflow, where the library raises: let it
+        pmf = pld_pmf.DensePLDPmf(interval, lower_loss, probs, infinity_mass, True)
+        return pmf.get_epsilon_for_delta(delta)
+    probs = np.flip(probs)
+    upper = np.cumsum(np.concatenate(([infinity_mass], probs)))  # before the k-th loss: upper[k]
+    lower_before = 0.0
+    start, block = 0, 1024
+    while start < n:
+        stop = min(n, start + block)
+        loss = losses[start:stop]
+        terms = np.fromiter(map(math.exp, (-loss).tolist()), float, stop - start)
+        lower = np.cumsum(np.concatenate(([lower_before], terms * probs[start:stop])))
+        up = upper[start : stop + 1]
+        # the walk stops before adding loss j if log((upper − δ)/lower) ≥ loss (screened: np.log
+        # is within a few ulp of math.log; candidates are decided by math.log, in order)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            ratio = (up[:-1] - delta) / lower[:-1]
+            screen = (up[:-1] > delta) & (lower[:-1] > 0)
+            screen &= np.log(ratio) >= loss - 1e-9 * (1 + np.abs(loss))
+        stops = (j for j in np.flatnonzero(screen) if math.log(ratio[j]) >= loss[j])
+        first_stop = next(stops, None)
+        # ... and it returns max(0, loss) after adding loss j if the upper mass reached δ while
+        # the lower one is still exactly 0 (e^{-loss} underflowed)
+        underflow = np.flatnonzero((up[1:] >= delta) & (lower[1:] == 0))
+        if underflow.size and (first_stop is None or underflow[0] < first_stop):
+            return max(0, float(loss[underflow[0]]))
+        if first_stop is not None:
+            mass_upper, mass_lower = up[first_stop], lower[first_stop]
+            break
+        lower_before = lower[-1]
+        start, block = stop, 2 * block
+    else:
+        mass_upper, mass_lower = upper[n], lower_before
+    if mass_upper <= mass_lower + delta:
+        return 0
+    return math.log((mass_upper - delta) / mass_lower)
 
 
 # What PrivacyLossDistribution.self_compose truncates by default, and the orders of its Chernoff
