@@ -67,10 +67,39 @@ def test_kernel_gives_each_examples_gradient(layer, size, k, e_layout, monkeypat
     assert got is not None and got.dtype == torch.float32
     expected = per_example_loop(layer, x, e, n, k)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    # the rows' squared norms, summed by the kernel as it writes them
+    sq = torch.zeros(n, e.shape[1])
+    again = call._native_patch_products(call.prepare(x), e, n, k, sq)
+    assert torch.equal(again, got)
+    torch.testing.assert_close(sq.double(), expected.square().sum(-1), rtol=1e-5, atol=1e-4)
     monkeypatch.setattr(native, "ENABLED", False)
     matmul, major = call.per_example_any(call.prepare(x), e, n, k)
     assert major or layer.in_channels == 1
     torch.testing.assert_close(got, matmul, rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+def test_squared_norms_come_with_the_rows_where_the_kernel_runs(monkeypatch):
+    """``ConvCall.per_example_and_sq``: the kernel's rows and their squared norms; where the
+    kernel does not run (two torch threads), the same rows and no norms, and the zeros passed
+    for them are not written; a wrong buffer is refused, naming the shape it needs."""
+    torch.manual_seed(3)
+    layer = nn.Conv2d(16, 32, 4, stride=2)
+    x = channels_last(torch.randn(6, 16, 13, 13))
+    e = torch.randn_like(layer(x))
+    call = ConvCall.from_module(layer)
+    g, major, sq = call.per_example_and_sq(x, e, 6, 1)
+    assert major and sq is not None and sq.shape == (6, 32)
+    torch.testing.assert_close(sq, g.square().sum(-1), rtol=1e-5, atol=1e-5)
+    torch.set_num_threads(2)
+    g2, major2, sq2 = call.per_example_and_sq(x, e, 6, 1)
+    assert sq2 is None and major2
+    torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-4)
+    zeros = torch.zeros(6, 32)
+    assert call._native_patch_products(x, e, 6, 1, zeros) is None and not zeros.any()
+    torch.set_num_threads(1)
+    with pytest.raises(ValueError, match=r"\(6, 32\)"):
+        native.conv2d_patch_products(x, e, 6, 1, (4, 4), (2, 2), torch.zeros(6, 31))
 
 
 @needs_compiler

@@ -68,11 +68,12 @@ typedef struct { /* the geometry a tile needs */
   i64 en, eo, ey, ex; /* strides of e (elements): row, channel, output row, output column */
 } job_t;
 
-/* g[o0+o, kh, j0+8j .. +8] = sum over views and positions of e[pos, o0+o] * x[patch row] */
+/* g[o0+o, kh, j0+8j .. +8] = sum over views and positions of e[pos, o0+o] * x[patch row];
+   sq[o0+o] (if not NULL) += the squares of those entries */
 #define TILE(OT, NJ)                                                                               \
 static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,                             \
-                             const float* restrict ev, float* restrict g, i64 kh, i64 o0,          \
-                             i64 j0) {                                                             \
+                             const float* restrict ev, float* restrict g, float* restrict sq,      \
+                             i64 kh, i64 o0, i64 j0) {                                             \
   const i64 W = t->W, C = t->C, Wo = t->Wo, sh = t->sh, sw = t->sw, eo = t->eo;                    \
   const i64 xs = t->H * W * C, J = t->KW * C, D = t->KH * J;                                       \
   v8 acc[OT][NJ];                                                                                  \
@@ -100,26 +101,34 @@ static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,          
   }                                                                                                \
   for (int o = 0; o < OT; o++)                                                                     \
     for (int j = 0; j < NJ; j++) *(v8u*)(g + (o0 + o) * D + kh * J + j0 + 8 * j) = acc[o][j];      \
+  if (sq)                                                                                          \
+    for (int o = 0; o < OT; o++) {                                                                 \
+      v8 s = acc[o][0] * acc[o][0];                                                                \
+      for (int j = 1; j < NJ; j++) s += acc[o][j] * acc[o][j];                                     \
+      sq[o0 + o] += ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));             \
+    }                                                                                              \
 }
 TILE(4, 3)
 TILE(4, 2)
 TILE(8, 1)
 
-void dpm_conv2d_patch_products(const float* x, const float* e, float* g, i64 n, i64 k,
-                               i64 H, i64 W, i64 C, i64 Ho, i64 Wo, i64 P, i64 KH,
+/* sq: NULL, or (n, P) zeros that receive each example's squared norm per output channel */
+void dpm_conv2d_patch_products(const float* x, const float* e, float* g, float* sq, i64 n,
+                               i64 k, i64 H, i64 W, i64 C, i64 Ho, i64 Wo, i64 P, i64 KH,
                                i64 KW, i64 sh, i64 sw, i64 en, i64 eo, i64 ey, i64 ex,
                                int ot, int nj) {
   const job_t t = {k, H, W, C, Ho, Wo, KH, KW, sh, sw, en, eo, ey, ex};
-  void (*tile)(const job_t*, const float*, const float*, float*, i64, i64, i64) =
+  void (*tile)(const job_t*, const float*, const float*, float*, float*, i64, i64, i64) =
       ot == 4 && nj == 3 ? tile_4_3 : ot == 4 && nj == 2 ? tile_4_2 : tile_8_1;
   const i64 J = KW * C, D = KH * J, jt = 8 * nj, xs = H * W * C;
   for (i64 i = 0; i < n; i++) {
     const float* xv = x + i * k * xs;
     const float* ev = e + i * k * en;
     float* gi = g + i * P * D;
+    float* sqi = sq ? sq + i * P : NULL;
     for (i64 kh = 0; kh < KH; kh++)
       for (i64 o0 = 0; o0 < P; o0 += ot)
-        for (i64 j0 = 0; j0 < J; j0 += jt) tile(&t, xv, ev, gi, kh, o0, j0);
+        for (i64 j0 = 0; j0 < J; j0 += jt) tile(&t, xv, ev, gi, sqi, kh, o0, j0);
   }
 }
 
@@ -214,7 +223,7 @@ def _build() -> ctypes.CDLL:
         shutil.rmtree(folder, ignore_errors=True)
     fn = lib.dpm_conv2d_patch_products
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 16 + [ctypes.c_int] * 2
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 16 + [ctypes.c_int] * 2
     fn = lib.dpm_shift_gram
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 12
@@ -273,6 +282,7 @@ def conv2d_patch_products(
     k: int,
     kernel: tuple[int, int],
     stride: tuple[int, int],
+    sq: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Per-example weight gradients (n, P, KH·KW·C), rows kernel-major (kernel row, kernel
     column, channel), of an ungrouped 2-d conv with dilation 1; None where the kernel does not
@@ -287,7 +297,19 @@ def conv2d_patch_products(
         k: Views per example.
         kernel: (KH, KW).
         stride: (sh, sw).
+        sq: Optional (n, P) float32 zeros, contiguous, on the CPU: the kernel adds each row's
+            squared norm to it as it writes the row (sums of squares of the entries it holds
+            in registers, so the rows need no second pass). Left untouched when None is
+            returned.
     """
+    if sq is not None and (
+        sq.dim() != 2 or sq.shape[0] != n or e.dim() < 2 or sq.shape[1] != e.shape[1]
+        or sq.dtype != torch.float32 or not sq.is_contiguous() or sq.device.type != "cpu"
+    ):  # fmt: skip
+        raise ValueError(
+            f"sq must be zeros of shape (n, P) = ({n}, {e.shape[1] if e.dim() > 1 else '?'}), "
+            f"float32, contiguous, on the CPU; got {tuple(sq.shape)} {sq.dtype} on {sq.device}"
+        )
     if not usable(x):
         return None
     if e.dtype != torch.float32 or e.device.type != "cpu" or x.dim() != 4 or e.dim() != 4:
@@ -310,7 +332,8 @@ def conv2d_patch_products(
         return None
     out = x.new_empty((n, out_channels, kh * kw * channels))
     lib.dpm_conv2d_patch_products(
-        xl.data_ptr(), e.data_ptr(), out.data_ptr(), n, k, height, width, channels,
+        xl.data_ptr(), e.data_ptr(), out.data_ptr(), None if sq is None else sq.data_ptr(),
+        n, k, height, width, channels,
         out_h, out_w, out_channels, kh, kw, sh, sw, *e.stride(), tile[0], tile[1],
     )  # fmt: skip
     return out
