@@ -103,3 +103,53 @@ def test_step_parts_times_every_layer_of_the_private_step():
     assert sum(split[f"{n}.sums"] for n in names) <= split["after forward"]
     assert row["private_ms"] > 0 and row["nonprivate_ms"] > 0
     assert row["cpu"] == bench.cpu_name()
+
+
+def _plot_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_cli.py"
+    spec = importlib.util.spec_from_file_location("plot_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(model, median, low, high, verdict, **extra):
+    import json
+
+    row = {"bench": "cli", "commit": "abc1234", "model": model, "steps": 241, "repeats": 31,
+           "goal": bench.GOALS[model], "paired_ratio": median, "paired_ratio_ci95": [low, high],
+           "verdict": verdict, **extra}  # fmt: skip
+    return json.dumps(row)
+
+
+def test_verdict_plot_takes_the_rows_with_an_interval_in_order(tmp_path):
+    plot = _plot_module()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "\n".join([
+            '{"bench": "cli", "model": "cnn", "ratio": 2.0}',  # before intervals: skipped
+            _row("cnn", 1.4, 1.3, 1.5, "missed"),
+            '{"bench": "step_parts", "model": "cnn"}',  # another benchmark: skipped
+            _row("mlp", 1.2, 1.1, 1.3, "met", cpu="AMD EPYC"),
+            "",
+            _row("cnn", 1.25, 1.2, 1.35, "unsettled"),
+        ])
+    )  # fmt: skip
+    got = plot.verdict_rows(rows)
+    assert sorted(got) == ["cnn", "mlp"]
+    assert [r["paired_ratio"] for r in got["cnn"]] == [1.4, 1.25]
+    out = plot.plot_verdicts(got, tmp_path / "figs" / "verdicts.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdict_plot_refuses_bad_rows_naming_the_line(tmp_path):
+    plot = _plot_module()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(_row("cnn", 1.4, 1.3, 1.5, "missed") + "\n{not json\n")
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        plot.verdict_rows(rows)
+    rows.write_text(_row("cnn", 1.6, 1.3, 1.5, "missed") + "\n")
+    with pytest.raises(ValueError, match="line 1: median 1.6 outside"):
+        plot.verdict_rows(rows)
+    with pytest.raises(ValueError, match="no bench_cli row"):
+        plot.plot_verdicts({}, tmp_path / "empty.png")
