@@ -163,9 +163,9 @@ def _pld_at(sigma: float, q: float, steps: int, delta: float, interval: float) -
     one = _pld_step(sigma, q, interval)
     moments = _tail_moments(sigma, q, interval)
     pld = privacy_loss_distribution.identity(value_discretization_interval=interval)
-    if moments is None:
-        return float(pld.compose(_self_compose(one, steps, None)).get_epsilon_for_delta(delta))
     identity = pld._pmf_remove.to_dense_pmf()  # noqa: SLF001 (the PLD accountant's start)
+    if moments is None or not identity._pessimistic_estimate:  # noqa: SLF001
+        return float(pld.compose(_self_compose(one, steps, moments)).get_epsilon_for_delta(delta))
     eps = [
         _dense_epsilon(*_after_identity(identity, _self_compose_pmf(pmf, steps, orders, logs)),
                        delta)
@@ -180,8 +180,9 @@ COMPOSE_TAIL = 1e-15
 
 def _after_identity(identity, pmf) -> tuple:
     """``(lower_loss, probs, infinity_mass, interval)`` of ``identity.compose(pmf)`` for dense
-    PMFs, with the library's FFT convolution and tail truncation (its prefix search, a loop
-    in Python there, is a running sum here: the same additions in the same order)."""
+    PMFs with the pessimistic estimate (the accountant's), with the library's FFT convolution
+    and tail truncation (its prefix search, a loop in Python there, is a running sum here: the
+    same additions in the same order)."""
     a, b = identity, pmf
     lower = a._lower_loss + b._lower_loss  # noqa: SLF001
     probs = signal.fftconvolve(a._probs, b._probs)  # noqa: SLF001
@@ -191,11 +192,8 @@ def _after_identity(identity, pmf) -> tuple:
     right = max(len(probs) - _prefix_to_truncate(np.flip(probs), half), left + 1)
     left_mass, right_mass = np.sum(probs[:left]), np.sum(probs[right:])
     kept = probs[left:right]
-    if a._pessimistic_estimate:  # noqa: SLF001
-        kept[0] += left_mass
-        return lower + left, kept, infinity + right_mass, a._discretization  # noqa: SLF001
-    kept[-1] += right_mass
-    return lower + left, kept, infinity + 0, a._discretization  # noqa: SLF001
+    kept[0] += left_mass  # pessimistic: the left tail onto the smallest loss kept
+    return lower + left, kept, infinity + right_mass, a._discretization  # noqa: SLF001
 
 
 def _prefix_to_truncate(values: np.ndarray, threshold: float) -> int:
