@@ -35,7 +35,7 @@ def per_example_loop(layer, x, e, n, k):
 
 
 GEOMETRIES = [
-    # the tanh CNN's convs, WRN-16-4's 3x3 convs (tiles 8x1, 4x2, 4x3)
+    # the tanh CNN's convs, WRN-16-4's 3x3 convs: 8, 32 and 18 vectors of 8 patch entries a row
     (nn.Conv2d(1, 16, 8, stride=2, padding=3), (28, 28)),
     (nn.Conv2d(16, 32, 4, stride=2), (13, 13)),
     (nn.Conv2d(16, 64, 3, padding=1), (9, 7)),
@@ -43,6 +43,10 @@ GEOMETRIES = [
     (nn.Conv2d(8, 8, (3, 2), stride=(2, 3), padding=(1, 0)), (10, 11)),
     (nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="reflect"), (8, 9)),
     (nn.Conv1d(8, 16, 5, stride=2, padding=2), (17,)),
+    # rows of 1, 4 and 7 vectors (the tiles of one and of two vectors)
+    (nn.Conv2d(8, 4, 1), (5, 6)),
+    (nn.Conv2d(8, 8, 2), (5, 5)),
+    (nn.Conv2d(56, 12, 1, stride=2), (7, 6)),
 ]
 
 

@@ -48,11 +48,11 @@ import torch
 ENV_SWITCH = "DPMICROADAM_NATIVE"
 _FAILURE: list[str] = []
 
-# Tiles: (output channels, vectors of 8 patch entries) summed in registers per pass over the
-# positions; the first that divides a layer's sizes is used (sizes no tile divides take the
-# batched matmul). Measured on the tanh CNN's and WRN-16-4's convs (1 thread, ad hoc): 8x1 on
-# the 8-entry rows of the 1 -> 16 8x8 conv, 4x3 on 16 -> 64 3x3 rows of 48 entries.
-TILES = ((4, 3), (4, 2), (8, 1))
+# Tiles: 4 output channels × 3 vectors of 8 patch entries summed in registers per pass over the
+# positions (12 accumulators: enough independent sums to keep both FMA units busy), the vectors
+# taken along a whole kernel-major patch row, across kernel rows; a row's last 1, 2 or 4 vectors
+# by tiles of 1 or 2. The kernel needs P % 4 == 0 and KW·C % 8 == 0 (else the batched matmul).
+OUT_TILE, ROW_VECTOR = 4, 8
 
 SOURCE = r"""
 #include <stddef.h>
@@ -68,19 +68,23 @@ typedef struct { /* the geometry a tile needs */
   i64 en, eo, ey, ex; /* strides of e (elements): row, channel, output row, output column */
 } job_t;
 
-/* g[o0+o, kh, j0+8j .. +8] = sum over views and positions of e[pos, o0+o] * x[patch row];
+/* g[o0+o, 8(v0+j) .. +8] = sum over views and positions of e[pos, o0+o] * x[patch entries]
+   for the tile's NJ vectors of 8 entries of a kernel-major patch row (vector v: kernel row
+   v / (J/8), entries 8 (v % (J/8)) .. +8 of that row's KW x C, contiguous in the input);
    sq[o0+o] (if not NULL) += the squares of those entries */
 #define TILE(OT, NJ)                                                                               \
 static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,                             \
                              const float* restrict ev, float* restrict g, float* restrict sq,      \
-                             i64 kh, i64 o0, i64 j0) {                                             \
+                             i64 o0, i64 v0) {                                                     \
   const i64 W = t->W, C = t->C, Wo = t->Wo, sh = t->sh, sw = t->sw, eo = t->eo;                    \
-  const i64 xs = t->H * W * C, J = t->KW * C, D = t->KH * J;                                       \
+  const i64 xs = t->H * W * C, J = t->KW * C, D = t->KH * J, per = J / 8;                          \
+  i64 off[NJ];                                                                                     \
+  for (int j = 0; j < NJ; j++) off[j] = ((v0 + j) / per) * W * C + ((v0 + j) % per) * 8;          \
   v8 acc[OT][NJ];                                                                                  \
   for (int o = 0; o < OT; o++)                                                                     \
     for (int j = 0; j < NJ; j++) acc[o][j] = (v8){0};                                              \
   for (i64 v = 0; v < t->k; v++) {                                                                 \
-    const float* xb = xv + v * xs + kh * W * C + j0;                                               \
+    const float* xb = xv + v * xs;                                                                 \
     const float* eb = ev + v * t->en + o0 * eo;                                                    \
     for (i64 y = 0; y < t->Ho; y++) {                                                              \
       const float* xr = xb + y * sh * W * C;                                                       \
@@ -89,7 +93,7 @@ static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,          
         const float* b = xr + q * sw * C;                                                          \
         const float* a = er + q * t->ex;                                                           \
         v8 bv[NJ];                                                                                 \
-        for (int j = 0; j < NJ; j++) bv[j] = *(const v8u*)(b + 8 * j);                             \
+        for (int j = 0; j < NJ; j++) bv[j] = *(const v8u*)(b + off[j]);                            \
         for (int o = 0; o < OT; o++) {                                                             \
           /* spelled out so that the compiler broadcasts from memory (a load, not a shuffle) */    \
           const float av = a[o * eo];                                                              \
@@ -100,7 +104,7 @@ static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,          
     }                                                                                              \
   }                                                                                                \
   for (int o = 0; o < OT; o++)                                                                     \
-    for (int j = 0; j < NJ; j++) *(v8u*)(g + (o0 + o) * D + kh * J + j0 + 8 * j) = acc[o][j];      \
+    for (int j = 0; j < NJ; j++) *(v8u*)(g + (o0 + o) * D + 8 * (v0 + j)) = acc[o][j];             \
   if (sq)                                                                                          \
     for (int o = 0; o < OT; o++) {                                                                 \
       v8 s = acc[o][0] * acc[o][0];                                                                \
@@ -110,25 +114,35 @@ static void tile_##OT##_##NJ(const job_t* t, const float* restrict xv,          
 }
 TILE(4, 3)
 TILE(4, 2)
-TILE(8, 1)
+TILE(4, 1)
 
-/* sq: NULL, or (n, P) zeros that receive each example's squared norm per output channel */
+/* sq: NULL, or (n, P) zeros that receive each example's squared norm per output channel.
+   P % 4 == 0 and KW C % 8 == 0. A row's D / 8 vectors are taken 3 at a time, the last 4 or 2
+   as 2 + 2 or 2, a single one alone. */
 void dpm_conv2d_patch_products(const float* x, const float* e, float* g, float* sq, i64 n,
                                i64 k, i64 H, i64 W, i64 C, i64 Ho, i64 Wo, i64 P, i64 KH,
-                               i64 KW, i64 sh, i64 sw, i64 en, i64 eo, i64 ey, i64 ex,
-                               int ot, int nj) {
+                               i64 KW, i64 sh, i64 sw, i64 en, i64 eo, i64 ey, i64 ex) {
   const job_t t = {k, H, W, C, Ho, Wo, KH, KW, sh, sw, en, eo, ey, ex};
-  void (*tile)(const job_t*, const float*, const float*, float*, float*, i64, i64, i64) =
-      ot == 4 && nj == 3 ? tile_4_3 : ot == 4 && nj == 2 ? tile_4_2 : tile_8_1;
-  const i64 J = KW * C, D = KH * J, jt = 8 * nj, xs = H * W * C;
+  const i64 D = KH * KW * C, V = D / 8, xs = H * W * C;
   for (i64 i = 0; i < n; i++) {
     const float* xv = x + i * k * xs;
     const float* ev = e + i * k * en;
     float* gi = g + i * P * D;
     float* sqi = sq ? sq + i * P : NULL;
-    for (i64 kh = 0; kh < KH; kh++)
-      for (i64 o0 = 0; o0 < P; o0 += ot)
-        for (i64 j0 = 0; j0 < J; j0 += jt) tile(&t, xv, ev, gi, sqi, kh, o0, j0);
+    for (i64 o0 = 0; o0 < P; o0 += 4)
+      for (i64 v0 = 0; v0 < V;) {
+        const i64 left = V - v0;
+        if (left == 1) {
+          tile_4_1(&t, xv, ev, gi, sqi, o0, v0);
+          v0 += 1;
+        } else if (left == 2 || left == 4) {
+          tile_4_2(&t, xv, ev, gi, sqi, o0, v0);
+          v0 += 2;
+        } else {
+          tile_4_3(&t, xv, ev, gi, sqi, o0, v0);
+          v0 += 3;
+        }
+      }
   }
 }
 
@@ -223,7 +237,7 @@ def _build() -> ctypes.CDLL:
         shutil.rmtree(folder, ignore_errors=True)
     fn = lib.dpm_conv2d_patch_products
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 16 + [ctypes.c_int] * 2
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 16
     fn = lib.dpm_shift_gram
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 12
@@ -268,11 +282,12 @@ def status() -> str:
 
 
 def tile_for(out_channels: int, row: int) -> tuple[int, int] | None:
-    """The tile for ``out_channels`` outputs and patch rows of ``row`` = kernel width × channels
-    entries, or None where no tile divides them."""
-    return next(
-        ((ot, nj) for ot, nj in TILES if out_channels % ot == 0 and row % (8 * nj) == 0), None
-    )
+    """The kernel's tile (output channels, entries of a vector) for ``out_channels`` outputs and
+    patch rows of ``row`` = kernel width × channels entries, or None where the kernel does not
+    take such a layer (``out_channels`` not a multiple of 4, ``row`` not of 8)."""
+    if out_channels % OUT_TILE or row % ROW_VECTOR or out_channels <= 0 or row <= 0:
+        return None
+    return OUT_TILE, ROW_VECTOR
 
 
 def conv2d_patch_products(
@@ -334,7 +349,7 @@ def conv2d_patch_products(
     lib.dpm_conv2d_patch_products(
         xl.data_ptr(), e.data_ptr(), out.data_ptr(), None if sq is None else sq.data_ptr(),
         n, k, height, width, channels,
-        out_h, out_w, out_channels, kh, kw, sh, sw, *e.stride(), tile[0], tile[1],
+        out_h, out_w, out_channels, kh, kw, sh, sw, *e.stride(),
     )  # fmt: skip
     return out
 
