@@ -319,7 +319,7 @@ class ConvCall:
         if (
             any(d != 1 for d in self.dilation)
             or not native.usable(x)
-            or native.tile_for(out_channels, width * per) is None
+            or not native.takes(out_channels, width * per)
         ):
             return None
         x = self.padded_channels_last(x)

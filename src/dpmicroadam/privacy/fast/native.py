@@ -281,13 +281,10 @@ def status() -> str:
     return "built" if _library.cache_info().currsize else "unbuilt"
 
 
-def tile_for(out_channels: int, row: int) -> tuple[int, int] | None:
-    """The kernel's tile (output channels, entries of a vector) for ``out_channels`` outputs and
-    patch rows of ``row`` = kernel width × channels entries, or None where the kernel does not
-    take such a layer (``out_channels`` not a multiple of 4, ``row`` not of 8)."""
-    if out_channels % OUT_TILE or row % ROW_VECTOR or out_channels <= 0 or row <= 0:
-        return None
-    return OUT_TILE, ROW_VECTOR
+def takes(out_channels: int, row: int) -> bool:
+    """Whether the kernel's tiles fit a layer of ``out_channels`` outputs and patch rows of
+    ``row`` = kernel width × channels entries (a multiple of 4 and of 8)."""
+    return out_channels > 0 and row > 0 and not out_channels % OUT_TILE and not row % ROW_VECTOR
 
 
 def conv2d_patch_products(
@@ -333,8 +330,7 @@ def conv2d_patch_products(
     out_channels, out_h, out_w = e.shape[1:]
     kh, kw = kernel
     sh, sw = stride
-    tile = tile_for(out_channels, kw * channels)
-    if tile is None or rows != n * k or e.shape[0] != rows or n == 0:
+    if not takes(out_channels, kw * channels) or rows != n * k or e.shape[0] != rows or n == 0:
         return None
     # every patch must lie inside the padded input
     if (out_h - 1) * sh + kh > height or (out_w - 1) * sw + kw > width:
