@@ -384,6 +384,36 @@ def test_reused_module_inplace_output_and_unused_branch():
     assert unused.abs().max() == 0
 
 
+@pytest.mark.parametrize("case", ["reuse", "sequential", "positions"])
+def test_graph_check_names_the_same_sources_as_their_own_walk(case, monkeypatch):
+    # check_graph finds the source records in its own walk of the graph; source_records walks
+    # from each record's inputs. Both must agree on a reused module, an unused branch (its
+    # record is not reached from the loss), a chain, and shared position embeddings.
+    from dpmicroadam.privacy.fast import capture, engine as engine_module
+
+    torch.manual_seed(21)
+    if case == "reuse":
+        model, x, y, loss_fn = Reuse(), torch.randn(4, 2, 6), labels(4), ce
+    elif case == "sequential":
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), Flatten(), nn.Linear(16, 5),
+                              nn.Tanh(), nn.Linear(5, 3))  # fmt: skip
+        x, y, loss_fn = torch.randn(4, 2, 4, 4), labels(4), ce
+    else:
+        model, x, y, loss_fn = PositionalEncoder(), torch.randint(0, 9, (4, 6)), labels(4), seq_ce
+    seen = []
+
+    def spy(loss, pairs, params, names):
+        sources = capture.check_graph(loss, pairs, params, names)
+        seen.append((sources, capture.source_records(pairs)))
+        return sources
+
+    monkeypatch.setattr(engine_module, "check_graph", spy)
+    FastEngine(model, loss_fn).clipped_sum(x, y, 1.0)
+    (sources, walked), *_ = seen
+    assert sources == walked
+    assert any(sources) and not all(sources)  # a chain of recorded calls has both kinds
+
+
 def test_wide_conv_instantiated_one_example_at_a_time():
     torch.manual_seed(14)
     model = nn.Sequential(nn.Conv2d(128, 2, 3, padding=1), nn.Tanh(), Flatten(), nn.Linear(18, 3))

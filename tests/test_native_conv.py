@@ -50,6 +50,28 @@ GEOMETRIES = [
 ]
 
 
+def test_channels_innermost_is_movedim_then_is_contiguous():
+    # The check from sizes and strides alone must say what the view and torch's check say, on
+    # every layout: permuted, sliced, with dimensions of size 1, empty, 3-d and 5-d.
+    import itertools
+
+    count = 0
+    for shape in [(2, 3, 4, 5), (1, 3, 1, 5), (2, 1, 4, 4), (2, 3, 1, 1), (0, 3, 4, 4),
+                  (2, 0, 3), (3, 4, 5), (1, 1, 1, 1), (2, 3, 2, 2, 3)]:  # fmt: skip
+        base = torch.zeros(shape)
+        for perm in itertools.permutations(range(len(shape))):
+            inverse = [perm.index(d) for d in range(len(shape))]
+            t = base.permute(*perm).contiguous().permute(*inverse)
+            views = [t, t[..., ::2], t[:1], t[:, :1]]
+            for v in views:
+                assert native.channels_innermost(v) == v.movedim(1, -1).is_contiguous(), (
+                    shape, perm, v.shape, v.stride()
+                )
+                count += 1
+    assert count > 700
+    assert not native.channels_innermost(torch.zeros(3))
+
+
 @needs_compiler
 @pytest.mark.parametrize("layer, size", GEOMETRIES)
 @pytest.mark.parametrize("k", [1, 3])

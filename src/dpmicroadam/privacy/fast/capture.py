@@ -118,14 +118,20 @@ def check_graph(
     records: list[tuple[str, Record]],
     params: list[torch.nn.Parameter],
     names: dict[int, str],
-) -> None:
-    """Checks that trainable parameters reach ``loss`` only through recorded module calls.
+) -> list[bool]:
+    """Checks that trainable parameters reach ``loss`` only through recorded module calls, and
+    says which records are sources (:func:`source_records`), from one walk of the graph.
 
     Walks the autograd graph from ``loss``. The node that produced a recorded output is not
     expanded; the walk continues from that call's inputs instead. Reaching a trainable
     parameter's accumulator anyway means it is used outside its module's forward (weight tying,
     a parent using ``child.weight`` functionally, an unhooked call), whose contribution the fast
-    engine would silently drop.
+    engine would silently drop. The walk is depth first and notes, for each node it leaves,
+    whether a recorded output node lies at or below it, which is what :func:`source_records`
+    asks of the records' inputs (those the walk from ``loss`` does not reach are walked after).
+
+    Returns:
+        For each record, whether it is a source (as :func:`source_records`).
 
     Raises:
         ValueError: naming the parameter and saying what to do.
@@ -138,17 +144,32 @@ def check_graph(
             cuts.setdefault(edge.node, []).extend(_input_nodes(record))
             if record.shared:
                 shared[edge.node] = name
-    seen: set = set()
-    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    reach: dict[Any, bool] = {}  # node -> whether a recorded output node lies at or below it
+    _walk([loss.grad_fn] if loss.grad_fn is not None else [], cuts, reach, wanted, shared, names)
+    return _sources(records, cuts, reach)
+
+
+def _walk(starts, cuts, reach, wanted=None, shared=None, names=None) -> None:
+    """Depth-first walk from ``starts``, filling ``reach`` for every node it leaves.
+
+    With ``wanted`` (ids of trainable parameters) it is the check of :func:`check_graph`: a cut
+    (recorded output) node is not expanded, the walk goes on from its call's inputs (``cuts``);
+    without, it stops at cut nodes (what :func:`source_records` needs below a record's inputs).
+    """
+    expanding: dict[Any, list] = {}  # node -> its children, while the walk is below it
+    stack = [(node, False) for node in starts]
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+        node, leaving = stack.pop()
+        if leaving:
+            reach[node] = any(reach.get(child, False) for child in expanding.pop(node))
             continue
-        seen.add(node)
-        if shared and any(fn in shared for fn, _ in node.next_functions):
-            mixes = all(fn is not None for fn, _ in node.next_functions)
+        if node is None or node in reach or node in expanding:
+            continue
+        next_functions = node.next_functions
+        if shared and any(fn in shared for fn, _ in next_functions):
+            mixes = all(fn is not None for fn, _ in next_functions)
             if type(node).__name__ not in BROADCAST_CONSUMERS or not mixes:
-                fn = next(fn for fn, _ in node.next_functions if fn in shared)
+                fn = next(fn for fn, _ in next_functions if fn in shared)
                 raise ValueError(
                     f"module {shared[fn]!r} ran on data shared by all examples (leading size 1) "
                     f"and its output reaches the loss through {type(node).__name__}, not by being "
@@ -156,17 +177,31 @@ def check_graph(
                     "attribute its gradient to examples: use engine='vmap'"
                 )
         if node in cuts:
-            stack.extend(cuts[node])
+            reach[node] = True
+            if wanted is not None:
+                stack.extend((child, False) for child in cuts[node])
             continue
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in wanted:
-            raise ValueError(
-                f"parameter {names.get(id(variable), '?')!r} reaches the loss outside the "
-                "forward of the module that owns it (weight tying, or a functional use such as "
-                "F.linear(x, layer.weight)); the fast engine cannot see that use: use "
-                "engine='vmap', or untie the parameter"
-            )
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+        if wanted is not None:
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) in wanted:
+                raise ValueError(
+                    f"parameter {names.get(id(variable), '?')!r} reaches the loss outside the "
+                    "forward of the module that owns it (weight tying, or a functional use such "
+                    "as F.linear(x, layer.weight)); the fast engine cannot see that use: use "
+                    "engine='vmap', or untie the parameter"
+                )
+        children = [fn for fn, _ in next_functions if fn is not None]
+        expanding[node] = children
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if child not in reach)
+
+
+def _sources(records, cuts, reach) -> list[bool]:
+    """For each record, whether no recorded output node lies at or below its inputs."""
+    missing = [n for _, r in records for n in _input_nodes(r) if n not in reach]
+    if missing:
+        _walk(missing, cuts, reach)
+    return [not any(reach[node] for node in _input_nodes(r)) for _, r in records]
 
 
 def source_records(records: list[tuple[str, Record]]) -> list[bool]:
@@ -175,26 +210,8 @@ def source_records(records: list[tuple[str, Record]]) -> list[bool]:
     In the backward pass, the output node of every other record lies on a path to the outputs of
     these "source" records, so asking autograd only for the sources' output gradients still runs
     every recorded node, whose pre-hooks then see their output gradients as they go by and can
-    be processed (and freed) at once instead of all being held until the end.
+    be processed (and freed) at once instead of all being held until the end. (Without a graph
+    check to make: :func:`check_graph` returns the same from its own walk.)
     """
-    cut_nodes = {edge.node for _, r in records for edge in r.edges}
-    memo: dict = {}
-
-    def reaches_cut(start) -> bool:
-        stack = [(start, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if node in memo and not expanded:
-                continue
-            if node in cut_nodes:
-                memo[node] = True
-                continue
-            children = [fn for fn, _ in node.next_functions if fn is not None]
-            if not expanded:
-                stack.append((node, True))
-                stack.extend((fn, False) for fn in children if fn not in memo)
-            else:
-                memo[node] = any(memo.get(fn, False) for fn in children)
-        return memo[start]
-
-    return [not any(reaches_cut(node) for node in _input_nodes(r)) for _, r in records]
+    cuts = {edge.node: [] for _, r in records for edge in r.edges}
+    return _sources(records, cuts, {})

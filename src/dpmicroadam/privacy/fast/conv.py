@@ -68,7 +68,7 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 def _channels_last(x: torch.Tensor, dims: int) -> bool:
     """Whether a (N, C, *spatial) tensor holds its channels innermost, contiguously."""
-    return x.dim() == dims + 2 and x.movedim(1, -1).is_contiguous()
+    return x.dim() == dims + 2 and native.channels_innermost(x)
 
 
 def _tuple(value, dims: int) -> tuple[int, ...]:
@@ -424,15 +424,17 @@ def channel_stats(
     """
     out_ch, d_in, groups = es[0].shape[1], call.fan_in, call.groups
     d_out = out_ch // groups
-    positions = k * sum(e[0, 0].numel() for e in es)
-    pixels = k * call.pixels(xs[0].shape[2:]) if len(xs) == 1 else None
+    positions = k * sum(math.prod(e.shape[2:]) for e in es)
+    pixels = None
+    if not keep and len(xs) == 1:
+        pixels = k * call.pixels(xs[0].shape[2:])
     method = "instantiate" if keep else norm_method(call, positions, pixels, d_out)
     if method == "ghost":
         per = groups * positions * (positions + 2 * d_in + 2 * d_out)
     elif method == "pixel":
         per = groups * (pixels * (pixels + 1) + positions * (positions + 2 * d_out))
     else:
-        per = out_ch * d_in + k * (xs[0][0].numel() + es[0][0].numel())
+        per = out_ch * d_in + k * (math.prod(xs[0].shape[1:]) + math.prod(es[0].shape[1:]))
     stats: dict[str, list] = {"sq": [], "total": []} if totals else {"sq": []}
     kept, kernel_major = None, False
     for sl in chunks(b, per):
@@ -566,21 +568,21 @@ class ConvOwner(Owner):
               for r in self.records]  # fmt: skip
         es = [self.rows(r.grads[0], n) for r in self.records]
         self._data = (call, xs, es, k)
-        sq = es[0].new_zeros(b)
+        parts = []
         self._kept = self._grad_b = None
         self._kernel_major = False
         if self.trainable(call.weight):
             keep = keep_grads(call, xs, es, k, self.keep_budget)
             stats = channel_stats(call, xs, es, b, k, keep)
-            sq = sq + stats["sq"].sum(1)
+            parts.append(stats["sq"].sum(1))
             self._kept = stats.get("kept")
             self._kernel_major = stats.get("kernel_major", False)
         if self.trainable(call.bias):
             self._grad_b = _total(e.reshape(b, k, e.shape[1], -1).sum((1, 3)) for e in es)
-            sq = sq + self._grad_b.square().sum(1)
+            parts.append(self._grad_b.square().sum(1))
         if self._kept is not None:
             self._data = (call, None, None, k)  # the sums need neither inputs nor output gradients
-        return sq
+        return _total(parts) if parts else es[0].new_zeros(b)
 
     def sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
         call, xs, es, k = self._data
@@ -607,7 +609,7 @@ class ConvOwner(Owner):
 def keep_grads(call: ConvCall, xs: list, es: list, k: int, budget: KeepBudget) -> bool:
     """Whether to keep per-example weight gradients: the memory rule (KEEP_RATIO), or they are
     small enough to fit in what is left of the call's ``budget`` (which they then use up)."""
-    stored = k * sum(x[0].numel() + e[0].numel() for x, e in zip(xs, es))
+    stored = k * sum(math.prod(x.shape[1:]) + math.prod(e.shape[1:]) for x, e in zip(xs, es))
     if call.weight.numel() <= KEEP_RATIO * stored:
         return True
     return budget.take(call.weight.numel() * (xs[0].shape[0] // k))

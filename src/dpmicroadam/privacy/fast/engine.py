@@ -192,8 +192,9 @@ class FastEngine:
 
     def _finish(self, loss, b, k, clip_norm):
         pairs = [(o.name, r) for o in self._owners for r in o.records]
+        sources = None
         if loss.requires_grad:
-            check_graph(loss, pairs, self.params, self._names)
+            sources = check_graph(loss, pairs, self.params, self._names)
         sq = {}  # owner index -> per-example squared norms
 
         def process(index: int) -> None:
@@ -212,7 +213,8 @@ class FastEngine:
         # inputs can be freed before the next layer's gradient is even computed).
         flat = [(i, r) for i, o in enumerate(self._owners) for r in o.records]
         waiting = [len(o.records) for o in self._owners]
-        sources = source_records(pairs) if pairs else []
+        if sources is None:
+            sources = source_records(pairs) if pairs else []
         requested, handles = [], []
         for (index, r), source in zip(flat, sources):
             r.grads = [None] * len(r.edges)
@@ -239,9 +241,11 @@ class FastEngine:
                     ]
                 process(index)
         dtype = self.params[0].dtype if self.params else loss.dtype
-        total = torch.zeros(b, dtype=dtype, device=loss.device)
+        total = None  # the owners' squared norms added in order (no zeros to start from)
         for value in sq.values():
-            total = total + value.to(dtype)
+            total = value.to(dtype) if total is None else total + value.to(dtype)
+        if total is None:
+            total = torch.zeros(b, dtype=dtype, device=loss.device)
         norms = total.sqrt()
         factors = clip_factors(norms, clip_norm)
         sums: list[torch.Tensor | None] = [None] * len(self.params)
