@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpmicroadam.privacy.fast import FastEngine, supports
+from dpmicroadam.privacy.fast import FastEngine, capture, supports
+from dpmicroadam.privacy.fast import engine as engine_module
 
 
 def ce(outputs, targets):
@@ -389,8 +390,6 @@ def test_graph_check_names_the_same_sources_as_their_own_walk(case, monkeypatch)
     # check_graph finds the source records in its own walk of the graph; source_records walks
     # from each record's inputs. Both must agree on a reused module, an unused branch (its
     # record is not reached from the loss), a chain, and shared position embeddings.
-    from dpmicroadam.privacy.fast import capture, engine as engine_module
-
     torch.manual_seed(21)
     if case == "reuse":
         model, x, y, loss_fn = Reuse(), torch.randn(4, 2, 6), labels(4), ce

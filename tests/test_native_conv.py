@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -53,8 +54,6 @@ GEOMETRIES = [
 def test_channels_innermost_is_movedim_then_is_contiguous():
     # The check from sizes and strides alone must say what the view and torch's check say, on
     # every layout: permuted, sliced, with dimensions of size 1, empty, 3-d and 5-d.
-    import itertools
-
     count = 0
     for shape in [(2, 3, 4, 5), (1, 3, 1, 5), (2, 1, 4, 4), (2, 3, 1, 1), (0, 3, 4, 4),
                   (2, 0, 3), (3, 4, 5), (1, 1, 1, 1), (2, 3, 2, 2, 3)]:  # fmt: skip
