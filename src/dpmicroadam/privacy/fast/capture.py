@@ -198,10 +198,11 @@ def _walk(starts, cuts, reach, wanted=None, shared=None, names=None) -> None:
 
 def _sources(records, cuts, reach) -> list[bool]:
     """For each record, whether no recorded output node lies at or below its inputs."""
-    missing = [n for _, r in records for n in _input_nodes(r) if n not in reach]
+    inputs = [_input_nodes(r) for _, r in records]
+    missing = [node for nodes in inputs for node in nodes if node not in reach]
     if missing:
         _walk(missing, cuts, reach)
-    return [not any(reach[node] for node in _input_nodes(r)) for _, r in records]
+    return [not any(reach[node] for node in nodes) for nodes in inputs]
 
 
 def source_records(records: list[tuple[str, Record]]) -> list[bool]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import native
 from .linear import use_ghost
-from .owner import KEEP_RATIO, KeepBudget, Owner, cat, chunks, weighted_sum
+from .owner import KEEP_RATIO, KeepBudget, Owner, add_up, cat, chunks, weighted_sum
 
 # Fan-in (C/groups · kernel) from which per-example weight gradients are formed one example at
 # a time rather than by a single grouped call (measured on CPU: 3×3 convs with 128 or more
@@ -462,7 +462,7 @@ def channel_stats(
         if sl.start == 0:
             kernel_major = parts[0][1]
         # Every call's and every chunk's rows in the order of the first call's first chunk.
-        g = _total(call.reorder(g, major, kernel_major) for g, major in parts)
+        g = add_up(call.reorder(g, major, kernel_major) for g, major in parts)
         del parts
         stats["sq"].append(sq if sq is not None else torch.linalg.vector_norm(g, dim=-1).square())
         if totals:
@@ -548,16 +548,6 @@ def _taps(offset: int, dilation: int, stride: int, size: int) -> slice:
     return slice(start, start + stride * (size - 1) + 1, stride)
 
 
-def _total(parts) -> torch.Tensor:
-    """The parts added up in order; unlike ``sum()``, without first adding the first to 0 (a
-    full pass over a per-example gradient tensor)."""
-    it = iter(parts)
-    total = next(it)
-    for part in it:
-        total = total + part
-    return total
-
-
 class ConvOwner(Owner):
     """``nn.Conv1d`` / ``nn.Conv2d`` with the stock forward."""
 
@@ -578,11 +568,11 @@ class ConvOwner(Owner):
             self._kept = stats.get("kept")
             self._kernel_major = stats.get("kernel_major", False)
         if self.trainable(call.bias):
-            self._grad_b = _total(e.reshape(b, k, e.shape[1], -1).sum((1, 3)) for e in es)
+            self._grad_b = add_up(e.reshape(b, k, e.shape[1], -1).sum((1, 3)) for e in es)
             parts.append(self._grad_b.square().sum(1))
         if self._kept is not None:
             self._data = (call, None, None, k)  # the sums need neither inputs nor output gradients
-        return _total(parts) if parts else es[0].new_zeros(b)
+        return add_up(parts) if parts else es[0].new_zeros(b)
 
     def sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
         call, xs, es, k = self._data

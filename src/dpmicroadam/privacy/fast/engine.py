@@ -12,7 +12,7 @@ from ..checks import check_per_example_safe
 from ..clip import clip_factors
 from .capture import check_graph, check_unchanged, source_records
 from .fallback import FallbackOwner
-from .owner import KEEP_SMALL_ELEMENTS, KeepBudget
+from .owner import KEEP_SMALL_ELEMENTS, KeepBudget, add_up
 from .plan import build_owners
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -241,10 +241,9 @@ class FastEngine:
                     ]
                 process(index)
         dtype = self.params[0].dtype if self.params else loss.dtype
-        total = None  # the owners' squared norms added in order (no zeros to start from)
-        for value in sq.values():
-            total = value.to(dtype) if total is None else total + value.to(dtype)
-        if total is None:
+        if sq:
+            total = add_up(value.to(dtype) for value in sq.values())
+        else:
             total = torch.zeros(b, dtype=dtype, device=loss.device)
         norms = total.sqrt()
         factors = clip_factors(norms, clip_norm)

@@ -45,6 +45,16 @@ def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+def add_up(parts) -> torch.Tensor:
+    """The parts (at least one) added up in order; unlike ``sum()``, without first adding the
+    first to 0 (a full pass over a per-example gradient tensor)."""
+    it = iter(parts)
+    total = next(it)
+    for part in it:
+        total = total + part
+    return total
+
+
 def chunks(b: int, per_example: int, elements: int | None = None):
     """Yields slices over ``b`` examples so that each chunk holds about ``elements`` entries
     (default CHUNK_ELEMENTS)."""
