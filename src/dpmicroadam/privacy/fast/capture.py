@@ -116,7 +116,7 @@ def _input_nodes(record: Record) -> list:
 def check_graph(
     loss: torch.Tensor,
     records: list[tuple[str, Record]],
-    params: list[torch.nn.Parameter],
+    params: list[torch.nn.Parameter] | frozenset[int],
     names: dict[int, str],
 ) -> list[bool]:
     """Checks that trainable parameters reach ``loss`` only through recorded module calls, and
@@ -130,23 +130,31 @@ def check_graph(
     whether a recorded output node lies at or below it, which is what :func:`source_records`
     asks of the records' inputs (those the walk from ``loss`` does not reach are walked after).
 
+    Args:
+        loss: The scalar whose graph is walked.
+        records: ``(module name, record)`` pairs of the call.
+        params: The trainable parameters, or the frozenset of their ``id``s (an engine forms
+            it once).
+        names: Parameter names by ``id``, for the error message.
+
     Returns:
         For each record, whether it is a source (as :func:`source_records`).
 
     Raises:
         ValueError: naming the parameter and saying what to do.
     """
-    wanted = {id(p) for p in params}
+    wanted = params if isinstance(params, frozenset) else frozenset(id(p) for p in params)
     cuts: dict[Any, list] = {}
     shared: dict[Any, str] = {}
-    for name, record in records:
+    inputs = [_input_nodes(record) for _, record in records]
+    for (name, record), nodes in zip(records, inputs):
         for edge in record.edges:
-            cuts.setdefault(edge.node, []).extend(_input_nodes(record))
+            cuts.setdefault(edge.node, []).extend(nodes)
             if record.shared:
                 shared[edge.node] = name
     reach: dict[Any, bool] = {}  # node -> whether a recorded output node lies at or below it
     _walk([loss.grad_fn] if loss.grad_fn is not None else [], cuts, reach, wanted, shared, names)
-    return _sources(records, cuts, reach)
+    return _sources(inputs, cuts, reach)
 
 
 def _walk(starts, cuts, reach, wanted=None, shared=None, names=None) -> None:
@@ -156,12 +164,15 @@ def _walk(starts, cuts, reach, wanted=None, shared=None, names=None) -> None:
     (recorded output) node is not expanded, the walk goes on from its call's inputs (``cuts``);
     without, it stops at cut nodes (what :func:`source_records` needs below a record's inputs).
     """
+    # Python-level operations kept few (this runs every step): no generators, one lookup each.
     expanding: dict[Any, list] = {}  # node -> its children, while the walk is below it
     stack = [(node, False) for node in starts]
+    pop, push = stack.pop, stack.append
     while stack:
-        node, leaving = stack.pop()
+        node, leaving = pop()
         if leaving:
-            reach[node] = any(reach.get(child, False) for child in expanding.pop(node))
+            # every child was left before its parent (a DAG), so each has its entry in reach
+            reach[node] = any(map(reach.__getitem__, expanding.pop(node)))
             continue
         if node is None or node in reach or node in expanding:
             continue
@@ -179,7 +190,7 @@ def _walk(starts, cuts, reach, wanted=None, shared=None, names=None) -> None:
         if node in cuts:
             reach[node] = True
             if wanted is not None:
-                stack.extend((child, False) for child in cuts[node])
+                stack += [(child, False) for child in cuts[node]]
             continue
         if wanted is not None:
             variable = getattr(node, "variable", None)
@@ -192,17 +203,17 @@ def _walk(starts, cuts, reach, wanted=None, shared=None, names=None) -> None:
                 )
         children = [fn for fn, _ in next_functions if fn is not None]
         expanding[node] = children
-        stack.append((node, True))
-        stack.extend((child, False) for child in children if child not in reach)
+        push((node, True))
+        stack += [(child, False) for child in children if child not in reach]
 
 
-def _sources(records, cuts, reach) -> list[bool]:
-    """For each record, whether no recorded output node lies at or below its inputs."""
-    inputs = [_input_nodes(r) for _, r in records]
+def _sources(inputs, cuts, reach) -> list[bool]:
+    """For each record (given by its input nodes), whether no recorded output node lies at or
+    below its inputs."""
     missing = [node for nodes in inputs for node in nodes if node not in reach]
     if missing:
         _walk(missing, cuts, reach)
-    return [not any(reach[node] for node in nodes) for nodes in inputs]
+    return [not any(map(reach.__getitem__, nodes)) for nodes in inputs]
 
 
 def source_records(records: list[tuple[str, Record]]) -> list[bool]:
@@ -215,4 +226,4 @@ def source_records(records: list[tuple[str, Record]]) -> list[bool]:
     check to make: :func:`check_graph` returns the same from its own walk.)
     """
     cuts = {edge.node: [] for _, r in records for edge in r.edges}
-    return _sources(records, cuts, {})
+    return _sources([_input_nodes(r) for _, r in records], cuts, {})

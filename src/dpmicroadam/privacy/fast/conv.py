@@ -587,9 +587,15 @@ class ConvOwner(Owner):
         return out
 
     def _kept_sum(self, call: ConvCall, factors: torch.Tensor) -> torch.Tensor:
-        """Σ_i factors[i]·G_i of the kept per-example gradients, (P, D) in the weight's order."""
-        total = weighted_sum(factors, self._kept)
-        return call.weight_order(total) if self._kernel_major else total
+        """Σ_i factors[i]·G_i of the kept per-example gradients, shaped like the weight."""
+        rows = self._kept.reshape(self._kept.shape[0], -1)
+        f = factors if factors.dtype == rows.dtype else factors.to(rows.dtype)
+        total = torch.matmul(f, rows)  # (P·D,), as weighted_sum without its reshapes
+        shape = call.weight.shape
+        if not self._kernel_major or shape[1] == 1:
+            return total.view(shape)
+        # kernel-major rows (P, *kernel, C/groups): channels to the front, as the weight
+        return total.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
 
     def reset(self) -> None:
         super().reset()

@@ -77,6 +77,7 @@ class FastEngine:
         index = {id(p): j for j, p in enumerate(self.params)}
         self._slots = [[index[id(p)] for _, p in o.params] for o in self._owners]
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._wanted = frozenset(id(p) for p in self.params)  # what check_graph looks for
         self._verified = False
 
     def clipped_sum(
@@ -194,7 +195,7 @@ class FastEngine:
         pairs = [(o.name, r) for o in self._owners for r in o.records]
         sources = None
         if loss.requires_grad:
-            sources = check_graph(loss, pairs, self.params, self._names)
+            sources = check_graph(loss, pairs, self._wanted, self._names)
         sq = {}  # owner index -> per-example squared norms
 
         def process(index: int) -> None:
@@ -242,7 +243,7 @@ class FastEngine:
                 process(index)
         dtype = self.params[0].dtype if self.params else loss.dtype
         if sq:
-            total = add_up(value.to(dtype) for value in sq.values())
+            total = add_up(v if v.dtype == dtype else v.to(dtype) for v in sq.values())
         else:
             total = torch.zeros(b, dtype=dtype, device=loss.device)
         norms = total.sqrt()
@@ -250,8 +251,9 @@ class FastEngine:
         sums: list[torch.Tensor | None] = [None] * len(self.params)
         for index in sq:
             for j, value in zip(self._slots[index], self._owners[index].sums(factors)):
-                shape = self.params[j].shape
-                sums[j] = (value if value.shape == shape else value.reshape(shape)).detach()
+                if value.shape != self.params[j].shape:
+                    value = value.reshape(self.params[j].shape)
+                sums[j] = value.detach() if value.requires_grad else value
         for j, p in enumerate(self.params):
             if sums[j] is None:
                 sums[j] = torch.zeros_like(p)

@@ -122,14 +122,16 @@ class LinearOwner(Owner):
     def _rank_one_sq_norms(self, a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """One position per example (no sequence): g_i = e_i a_iᵀ, so ‖g_i‖² = ‖e_i‖²‖a_i‖²,
         and the bias gradient is e_i itself; the sums take the matmul path."""
-        e_sq = e.square().sum((1, 2))
+        e = e[:, 0]
+        e_sq = e.square().sum(1)
         sq = None
         self._grad_w = self._act = self._grad_b = None
         if self.trainable(self.module.weight):
-            self._act = (a, e)
-            sq = a.square().sum((1, 2)) * e_sq
+            a = a[:, 0]
+            self._act = (a, e)  # 2-d: sums() takes Σ_i f_i e_i a_iᵀ as one matmul
+            sq = a.square().sum(1) * e_sq
         if self.trainable(self.module.bias):
-            self._grad_b = e[:, 0]
+            self._grad_b = e
             sq = e_sq if sq is None else sq + e_sq
         return sq if sq is not None else e.new_zeros(e.shape[0])
 
@@ -141,8 +143,12 @@ class LinearOwner(Owner):
                     out.append(weighted_sum(factors, self._grad_w[:, 0]))
                 else:
                     a, e = self._act
-                    ce = e * factors.to(e.dtype)[:, None, None]
-                    out.append(ce.reshape(-1, e.shape[-1]).mT @ a.reshape(-1, a.shape[-1]))
+                    f = factors if factors.dtype == e.dtype else factors.to(e.dtype)
+                    if e.dim() == 2:  # one position per example (_rank_one_sq_norms)
+                        out.append(torch.mm(e.mT * f, a))
+                    else:
+                        ce = e * f[:, None, None]
+                        out.append(ce.reshape(-1, e.shape[-1]).mT @ a.reshape(-1, a.shape[-1]))
             else:
                 out.append(weighted_sum(factors, self._grad_b))
         return out
