@@ -15,15 +15,7 @@ import typing
 from typing import TYPE_CHECKING, Any
 
 from dpmicroadam.mechanism import check_privacy_settings
-from dpmicroadam.train.names import (
-    ACCOUNTANTS,
-    DATASETS,
-    ENGINES,
-    LR_SCHEDULES,
-    MODELS,
-    NORMALIZE,
-    OPTIMIZERS,
-)
+from dpmicroadam.train.names import DATASETS, MODELS, OPTIMIZERS
 
 if TYPE_CHECKING:  # pragma: no cover
     from dpmicroadam.train.config import TrainConfig
@@ -97,15 +89,20 @@ def validate_names(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
     if cfg.model is not None and cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
-    for key, allowed in (
-        ("lr_schedule", LR_SCHEDULES),
-        ("accountant", ACCOUNTANTS),
-        ("engine", ENGINES),
-        ("normalize", NORMALIZE),
-    ):
-        if getattr(cfg, key) not in allowed:
+    # Every other setting of `train` with a closed set of values (its field's ``choices``),
+    # checked here before any data is loaded rather than by the optimizer at build time (the
+    # commands built on TrainConfig check their own settings, in their own words).
+    from dpmicroadam.train.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        allowed = f.metadata.get("choices")
+        if allowed is None or f.name in ("optimizer", "dataset", "model"):
+            continue
+        if getattr(cfg, f.name) not in allowed:
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             raise ValueError(
-                f"unknown {key} {getattr(cfg, key)!r}; choose one of {', '.join(allowed)}"
+                f"{flag} {getattr(cfg, f.name)!r} is unknown; choose one of "
+                f"{', '.join(map(str, allowed))}"
             )
 
 

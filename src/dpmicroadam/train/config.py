@@ -29,6 +29,7 @@ from dpmicroadam.train.names import (  # noqa: F401 - re-exported: the names of 
     EF_ROUNDINGS,
     ENGINES,
     LR_SCHEDULES,
+    MICROADAM_IMPLEMENTATIONS,
     MODELS,
     NORMALIZE,
     OPTIMIZERS,
@@ -103,6 +104,11 @@ class TrainConfig:
     microadam_values: str = setting(
         "bfloat16", "dtype of MicroAdam's stored window values (float32: as the authors' code)",
         choices=("bfloat16", "float32"))  # fmt: skip
+    microadam_implementation: str = setting(
+        "fast", "MicroAdam's step: fast (vectorized), fused (two C++ loops on the CPU: about half "
+        "the time of fast, built once per machine in ~25 s; fast where it cannot be built, with "
+        "a warning), compiled (torch.compile) or loop (the slow reference)",
+        choices=MICROADAM_IMPLEMENTATIONS)  # fmt: skip
     adam_eps: float | None = setting(None, "eps of Adam and MicroAdam (default 1e-8)")
     adam_eps_noise: float | None = setting(
         None, "eps of DP-Adam and DP-MicroAdam as a multiple of the released gradient's noise "

@@ -10,4 +10,6 @@ MODELS = ("mlp", "cnn", "wrn16-4")
 LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
 ACCOUNTANTS = ("pld", "rdp")
 ENGINES = ("auto", "vmap", "fast")
+# MicroAdam(implementation=...): one state layout, so a run may resume under another
+MICROADAM_IMPLEMENTATIONS = ("fast", "fused", "compiled", "loop")
 NORMALIZE = ("expected", "realized")
