@@ -588,9 +588,8 @@ class ConvOwner(Owner):
 
     def _kept_sum(self, call: ConvCall, factors: torch.Tensor) -> torch.Tensor:
         """Σ_i factors[i]·G_i of the kept per-example gradients, shaped like the weight."""
-        rows = self._kept.reshape(self._kept.shape[0], -1)
-        f = factors if factors.dtype == rows.dtype else factors.to(rows.dtype)
-        total = torch.matmul(f, rows)  # (P·D,), as weighted_sum without its reshapes
+        # (P·D,) from the 2-d rows: weighted_sum then needs no reshape of its own
+        total = weighted_sum(factors, self._kept.reshape(self._kept.shape[0], -1))
         shape = call.weight.shape
         if not self._kernel_major or shape[1] == 1:
             return total.view(shape)
