@@ -9,8 +9,10 @@ import warnings
 import pytest
 import torch
 
+from dpmicroadam.cli import main
 from dpmicroadam.optim import MicroAdam, fused
 from dpmicroadam.optim.topk import make_layout
+from dpmicroadam.train.checkpoint import load_checkpoint
 from test_microadam_packed import overflow_changes_no_state, save_load_continue
 
 # Whole blocks, blocks plus a tail, tail only, one block; odd and partial buckets (7, 129 and
@@ -176,8 +178,6 @@ def test_a_state_that_does_not_fit_is_refused_not_read_out_of_bounds(built):
 
 
 def _train(out, implementation, capsys):
-    from dpmicroadam.cli import main
-
     argv = [
         "train", "--dataset", "digits", "--model", "mlp", "--optimizer", "dp-microadam",
         "--steps", "4", "--batch-size", "64", "--noise-multiplier", "1", "--noise-seed", "5",
@@ -185,8 +185,6 @@ def _train(out, implementation, capsys):
     ]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     capsys.readouterr()
-    from dpmicroadam.train.checkpoint import load_checkpoint
-
     return load_checkpoint(out / "checkpoint.pt")["model"]
 
 
@@ -209,8 +207,6 @@ def test_train_takes_the_fused_step_from_the_command_line(built, tmp_path, monke
 
 
 def test_train_refuses_an_unknown_microadam_implementation(capsys):
-    from dpmicroadam.cli import main
-
     assert main(["train", "--microadam-implementation", "cuda-kernels"]) == 2
     err = capsys.readouterr().err
     assert "--microadam-implementation 'cuda-kernels' is unknown" in err and "fused" in err, err

@@ -18,7 +18,8 @@ from .validated import ValidatedOptimizer
 
 STATE_FORMAT_VERSION = 1
 EF_ROUNDINGS = ("nearest", "stochastic")
-_IMPLEMENTATIONS = {"fast": fast_step, "loop": loop_step, "compiled": fast_step, "fused": fast_step}
+_IMPLEMENTATIONS = {"fast": fast_step, "fused": fast_step, "compiled": fast_step, "loop": loop_step}
+IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)  # the names implementation= takes
 
 
 def _bad(name: str, value: Any, must: str) -> ValueError:

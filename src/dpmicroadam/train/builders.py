@@ -44,9 +44,11 @@ def prepare_fused() -> None:
     from dpmicroadam.optim import fused
 
     start = time.perf_counter()
-    if fused.available() and time.perf_counter() - start > 1:
+    built = fused.available()
+    seconds = time.perf_counter() - start
+    if built and seconds > 1:
         print(
-            f"note: built MicroAdam's fused C++ step in {time.perf_counter() - start:.0f} s "
+            f"note: built MicroAdam's fused C++ step in {seconds:.0f} s "
             "(once per machine and torch installation)",
             file=sys.stderr,
         )

@@ -1,6 +1,7 @@
 """The names a run's settings choose from (optimizers, datasets, models, ...)."""
 
 from dpmicroadam.optim.microadam import EF_ROUNDINGS  # noqa: F401 - re-exported
+from dpmicroadam.optim.microadam import IMPLEMENTATIONS as MICROADAM_IMPLEMENTATIONS  # noqa: F401
 
 PRIVATE_OPTIMIZERS = ("dp-microadam", "dp-sgd", "dp-adam", "dp-adambc")
 PUBLIC_OPTIMIZERS = ("microadam", "adam", "sgd")
@@ -10,6 +11,4 @@ MODELS = ("mlp", "cnn", "wrn16-4")
 LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
 ACCOUNTANTS = ("pld", "rdp")
 ENGINES = ("auto", "vmap", "fast")
-# MicroAdam(implementation=...): one state layout, so a run may resume under another
-MICROADAM_IMPLEMENTATIONS = ("fast", "fused", "compiled", "loop")
 NORMALIZE = ("expected", "realized")

@@ -590,11 +590,8 @@ class ConvOwner(Owner):
         """Σ_i factors[i]·G_i of the kept per-example gradients, shaped like the weight."""
         # (P·D,) from the 2-d rows: weighted_sum then needs no reshape of its own
         total = weighted_sum(factors, self._kept.reshape(self._kept.shape[0], -1))
-        shape = call.weight.shape
-        if not self._kernel_major or shape[1] == 1:
-            return total.view(shape)
-        # kernel-major rows (P, *kernel, C/groups): channels to the front, as the weight
-        return total.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
+        rows = total.view(call.weight.shape[0], -1)
+        return (call.weight_order(rows) if self._kernel_major else rows).view(call.weight.shape)
 
     def reset(self) -> None:
         super().reset()
