@@ -150,7 +150,7 @@ def test_a_failed_build_warns_once_and_steps_eagerly(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(cpp, "load_inline", broken)
+    monkeypatch.setattr(cpp, "load", broken)
     monkeypatch.setattr(fused, "_FAILURE", [])
     fused._extension.cache_clear()
     try:

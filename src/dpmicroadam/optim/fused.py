@@ -31,9 +31,12 @@ Eligible (:func:`eligible`): CPU float32 parameters and gradients, 4-bit error f
 nearest, int16 window indices, blocks that start at a quantization bucket, window values in
 bfloat16 or float32. Other tensors take the eager paths in the same step. When the extension
 cannot be built (no C++ compiler or ``ninja``) a warning is issued once and every tensor takes
-the eager paths. Building takes 23-29 s the first time on a machine (this project's), then
-PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``) serves it; the C++ checks every tensor's
-dtype, size and layout before reading it.
+the eager paths. The C++ is one file against ATen's and ``torch/library.h``'s headers, its two
+functions registered as operators (``torch.ops.<name>``), with no Python bindings: building it
+takes ~16 s the first time on a machine (this project's; 61 s when it went through
+``load_inline``, whose ``torch/extension.h`` alone took 51 s to compile), then PyTorch's
+extension cache (``TORCH_EXTENSIONS_DIR``) serves it. The C++ checks every tensor's dtype, size
+and layout before reading it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -54,13 +58,14 @@ from .kernels import Hyper, bias_corrections, moment_weights, raise_overflow, st
 from .quantize import num_buckets, packed_numel
 from .topk import BlockLayout, keep_count
 
-NAME = "dpmicroadam_fused_v8"
+NAME = "dpmicroadam_fused_v9"
 _FAILURE: list[str] = []
 _SECONDS: list[float] = []
 
 SOURCE = r"""
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
 #include <c10/util/BFloat16.h>
 #include <algorithm>
 #include <cmath>
@@ -72,8 +77,8 @@ namespace {
 
 struct Item { int64_t member, start, len, k, col; };
 
-std::vector<Item> items(const std::vector<int64_t>& numels, const std::vector<int64_t>& blocks,
-                        int64_t k_full, const std::vector<int64_t>& k_tails) {
+std::vector<Item> items(at::IntArrayRef numels, at::IntArrayRef blocks, int64_t k_full,
+                        at::IntArrayRef k_tails) {
   std::vector<Item> out;
   for (int64_t m = 0; m < (int64_t)numels.size(); ++m) {
     const int64_t block = blocks[m];  // a tensor of at most one block is its own tail
@@ -156,12 +161,11 @@ inline float bucket_max(const float* x, int64_t n) {
 }
 
 template <typename V>
-void front_impl(const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& codes,
-                const std::vector<torch::Tensor>& los, const std::vector<torch::Tensor>& his,
-                const std::vector<torch::Tensor>& new_codes, const std::vector<torch::Tensor>& new_los,
-                const std::vector<torch::Tensor>& new_his, const std::vector<torch::Tensor>& sel_idx,
-                const std::vector<torch::Tensor>& sel_val, const std::vector<Item>& work,
-                const std::vector<int64_t>& numels, int64_t bucket, std::vector<uint8_t>& item_ok) {
+void front_impl(at::TensorList grads, at::TensorList codes, at::TensorList los,
+                at::TensorList his, at::TensorList new_codes, at::TensorList new_los,
+                at::TensorList new_his, at::TensorList sel_idx, at::TensorList sel_val,
+                const std::vector<Item>& work,
+                at::IntArrayRef numels, int64_t bucket, std::vector<uint8_t>& item_ok) {
   const int64_t full_bytes = (bucket + 1) / 2, half = full_bytes;
   at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> a;
@@ -230,9 +234,9 @@ void front_impl(const std::vector<torch::Tensor>& grads, const std::vector<torch
 }
 
 template <typename V>
-void update_impl(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& indices,
-                 const std::vector<torch::Tensor>& values, const std::vector<Item>& work,
-                 const std::vector<int64_t>& k_totals, int64_t filled, const float* w1,
+void update_impl(at::TensorList params, at::TensorList indices, at::TensorList values,
+                 const std::vector<Item>& work,
+                 at::IntArrayRef k_totals, int64_t filled, const float* w1,
                  const float* w2, float decay, bool decayed, float c2, float eps, float step) {
   at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> big_m, big_s;
@@ -275,7 +279,7 @@ void update_impl(const std::vector<torch::Tensor>& params, const std::vector<tor
 
 // Every tensor the loops read or write is checked here, so that a state that does not fit its
 // parameter (a tampered checkpoint) raises instead of reading or writing out of bounds.
-void expect(const torch::Tensor& t, at::ScalarType dtype, int64_t numel, const char* what,
+void expect(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* what,
             size_t m) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() &&
                   t.numel() == numel,
@@ -283,7 +287,7 @@ void expect(const torch::Tensor& t, at::ScalarType dtype, int64_t numel, const c
               dtype, " tensor of ", numel, " entries, got ", t.scalar_type(), " ", t.sizes());
 }
 
-void expect_window(const torch::Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols,
+void expect_window(const at::Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols,
                    const char* what, size_t m) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() &&
                   t.dim() == 2 && t.size(0) >= rows && t.size(1) == cols,
@@ -302,13 +306,12 @@ int64_t columns(int64_t numel, int64_t block, int64_t k_full, int64_t k_tail) {
 
 }  // namespace
 
-torch::Tensor front(std::vector<torch::Tensor> grads, std::vector<torch::Tensor> codes,
-                    std::vector<torch::Tensor> los, std::vector<torch::Tensor> his,
-                    std::vector<torch::Tensor> new_codes, std::vector<torch::Tensor> new_los,
-                    std::vector<torch::Tensor> new_his, std::vector<torch::Tensor> sel_idx,
-                    std::vector<torch::Tensor> sel_val, std::vector<int64_t> numels,
-                    std::vector<int64_t> blocks, int64_t bucket, int64_t k_full,
-                    std::vector<int64_t> k_tails) {
+// finite[m] is set to 0 where member m's gradient plus error feedback is not finite
+void front(at::TensorList grads, at::TensorList codes, at::TensorList los, at::TensorList his,
+           at::TensorList new_codes, at::TensorList new_los, at::TensorList new_his,
+           at::TensorList sel_idx, at::TensorList sel_val, at::Tensor finite,
+           at::IntArrayRef numels, at::IntArrayRef blocks, int64_t bucket, int64_t k_full,
+           at::IntArrayRef k_tails) {
   const size_t n = numels.size();
   TORCH_CHECK(grads.size() == n && codes.size() == n && los.size() == n && his.size() == n &&
                   new_codes.size() == n && new_los.size() == n && new_his.size() == n &&
@@ -316,71 +319,75 @@ torch::Tensor front(std::vector<torch::Tensor> grads, std::vector<torch::Tensor>
                   k_tails.size() == n && n > 0 && bucket > 0,
               "MicroAdam fused step: argument lists of different lengths");
   const auto vdtype = sel_val[0].scalar_type();
-  TORCH_CHECK(vdtype == torch::kBFloat16 || vdtype == torch::kFloat32,
+  TORCH_CHECK(vdtype == at::kBFloat16 || vdtype == at::kFloat,
               "MicroAdam fused step: window values must be bfloat16 or float32");
   for (size_t m = 0; m < n; ++m) {
     const int64_t nb = (numels[m] + bucket - 1) / bucket, bytes = code_bytes(numels[m], bucket);
     const int64_t cols = columns(numels[m], blocks[m], k_full, k_tails[m]);
     TORCH_CHECK(blocks[m] > 0 && (numels[m] <= blocks[m] || blocks[m] % bucket == 0),
                 "MicroAdam fused step: blocks must start at a bucket");
-    expect(grads[m], torch::kFloat32, numels[m], "gradient", m);
-    expect(codes[m], torch::kUInt8, bytes, "error-feedback codes", m);
-    expect(los[m], torch::kFloat32, nb, "bucket minima", m);
-    expect(his[m], torch::kFloat32, nb, "bucket maxima", m);
-    expect(new_codes[m], torch::kUInt8, bytes, "new codes", m);
-    expect(new_los[m], torch::kFloat32, nb, "new minima", m);
-    expect(new_his[m], torch::kFloat32, nb, "new maxima", m);
-    expect(sel_idx[m], torch::kInt16, cols, "new window indices", m);
+    expect(grads[m], at::kFloat, numels[m], "gradient", m);
+    expect(codes[m], at::kByte, bytes, "error-feedback codes", m);
+    expect(los[m], at::kFloat, nb, "bucket minima", m);
+    expect(his[m], at::kFloat, nb, "bucket maxima", m);
+    expect(new_codes[m], at::kByte, bytes, "new codes", m);
+    expect(new_los[m], at::kFloat, nb, "new minima", m);
+    expect(new_his[m], at::kFloat, nb, "new maxima", m);
+    expect(sel_idx[m], at::kShort, cols, "new window indices", m);
     expect(sel_val[m], vdtype, cols, "new window values", m);
   }
+  expect(finite, at::kByte, (int64_t)n, "finiteness flags", 0);
   auto work = items(numels, blocks, k_full, k_tails);
   std::vector<uint8_t> item_ok(work.size(), 1);
-  if (sel_val[0].scalar_type() == torch::kBFloat16)
+  if (sel_val[0].scalar_type() == at::kBFloat16)
     front_impl<c10::BFloat16>(grads, codes, los, his, new_codes, new_los, new_his, sel_idx, sel_val,
                               work, numels, bucket, item_ok);
   else
     front_impl<float>(grads, codes, los, his, new_codes, new_los, new_his, sel_idx, sel_val, work,
                       numels, bucket, item_ok);
-  auto finite = torch::ones({(int64_t)numels.size()}, torch::kUInt8);
   uint8_t* f = finite.data_ptr<uint8_t>();
+  std::fill(f, f + n, 1);
   for (size_t w = 0; w < work.size(); ++w)
     if (!item_ok[w]) f[work[w].member] = 0;
-  return finite;
 }
 
-void update(std::vector<torch::Tensor> params, std::vector<torch::Tensor> indices,
-            std::vector<torch::Tensor> values, std::vector<int64_t> numels,
-            std::vector<int64_t> blocks, int64_t k_full, std::vector<int64_t> k_tails,
-            std::vector<int64_t> k_totals,
-            torch::Tensor w1, torch::Tensor w2, double decay, bool decayed, double c2, double eps,
-            double step) {
+void update(at::TensorList params, at::TensorList indices, at::TensorList values,
+            at::IntArrayRef numels, at::IntArrayRef blocks, int64_t k_full,
+            at::IntArrayRef k_tails, at::IntArrayRef k_totals, at::Tensor w1, at::Tensor w2,
+            double decay, bool decayed, double c2, double eps, double step) {
   const size_t n = numels.size();
   TORCH_CHECK(params.size() == n && indices.size() == n && values.size() == n &&
                   blocks.size() == n && k_tails.size() == n && k_totals.size() == n && n > 0,
               "MicroAdam fused step: argument lists of different lengths");
   const int64_t rows = w1.numel();
-  expect(w1, torch::kFloat32, rows, "moment weights", 0);
-  expect(w2, torch::kFloat32, rows, "moment weights", 0);
+  expect(w1, at::kFloat, rows, "moment weights", 0);
+  expect(w2, at::kFloat, rows, "moment weights", 0);
   const auto vdtype = values[0].scalar_type();
-  TORCH_CHECK(vdtype == torch::kBFloat16 || vdtype == torch::kFloat32,
+  TORCH_CHECK(vdtype == at::kBFloat16 || vdtype == at::kFloat,
               "MicroAdam fused step: window values must be bfloat16 or float32");
   for (size_t m = 0; m < n; ++m) {
     const int64_t cols = columns(numels[m], blocks[m], k_full, k_tails[m]);
     TORCH_CHECK(k_totals[m] == cols, "MicroAdam fused step: window columns do not match");
-    expect(params[m], torch::kFloat32, numels[m], "parameter", m);
-    expect_window(indices[m], torch::kInt16, rows, cols, "window indices", m);
+    expect(params[m], at::kFloat, numels[m], "parameter", m);
+    expect_window(indices[m], at::kShort, rows, cols, "window indices", m);
     expect_window(values[m], vdtype, rows, cols, "window values", m);
   }
   auto work = items(numels, blocks, k_full, k_tails);
   const float* a1 = w1.data_ptr<float>();
   const float* a2 = w2.data_ptr<float>();
   const int64_t filled = w1.numel();
-  if (values[0].scalar_type() == torch::kBFloat16)
+  if (values[0].scalar_type() == at::kBFloat16)
     update_impl<c10::BFloat16>(params, indices, values, work, k_totals, filled, a1, a2,
                                (float)decay, decayed, (float)c2, (float)eps, (float)step);
   else
     update_impl<float>(params, indices, values, work, k_totals, filled, a1, a2, (float)decay,
                        decayed, (float)c2, (float)eps, (float)step);
+}
+
+// torch.ops.<NAME>.front and .update (the namespace is given as -DDPM_NAMESPACE=<NAME>)
+TORCH_LIBRARY(DPM_NAMESPACE, m) {
+  m.def("front", &front);
+  m.def("update", &update);
 }
 """
 
@@ -419,7 +426,9 @@ def _find_ninja() -> None:
 
 @functools.cache
 def _extension():
-    from torch.utils.cpp_extension import load_inline
+    """``torch.ops.<name>``: the two operators, built (or loaded from torch's extension cache)
+    on the first call; None where building failed."""
+    from torch.utils import cpp_extension
 
     _find_ninja()
     start = time.perf_counter()
@@ -428,14 +437,25 @@ def _extension():
         # one build per torch installation: environments that share the extension cache do
         # not rebuild each other's (torch keys a build by its name and rebuilds on any change)
         where = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:10]
-        module = load_inline(
-            f"{NAME}_{target}_{where}",
-            cpp_sources=[SOURCE],
-            functions=["front", "update"],
-            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *extra],
+        name = f"{NAME}_{target}_{where}"
+        # a file of its own, where load_inline would write one, rather than load_inline, whose
+        # prelude (torch/extension.h, for Python bindings not needed here) took 51 of 61 s
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))  # noqa: SLF001
+        source = folder / "step.cpp"
+        if not source.exists() or source.read_text() != SOURCE:  # else ninja would rebuild
+            partial = folder / f"step.cpp.{os.getpid()}"
+            partial.write_text(SOURCE)
+            os.replace(partial, source)  # whole, with processes building side by side
+        cpp_extension.load(
+            name,
+            sources=[str(source)],
+            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", f"-DDPM_NAMESPACE={name}"]
+            + extra,
             extra_ldflags=["-fopenmp"],
+            is_python_module=False,
             verbose=False,
         )
+        ops = getattr(torch.ops, name)
     except Exception as err:  # no compiler, no ninja, a build error: the eager step runs
         give_up(
             _FAILURE, err,
@@ -446,7 +466,7 @@ def _extension():
         return None
     finally:
         _SECONDS.append(time.perf_counter() - start)
-    return module
+    return ops
 
 
 def available() -> bool:
@@ -529,10 +549,11 @@ def front(names: list, params: list[Tensor], states: list[dict[str, Tensor]], hp
         torch.empty(sum(columns), dtype=torch.int16).split(columns),
         torch.empty(sum(columns), dtype=hp.value_dtype).split(columns),
     )
-    finite = ext.front(
+    finite = torch.empty(len(params), dtype=torch.uint8)
+    ext.front(
         [p.grad.view(-1) for p in params], [st["ef_codes"] for st in states],
-        [st["ef_min"] for st in states], [st["ef_max"] for st in states], *new, list(numels),
-        blocks, hp.quant_bucket_size, k_full, k_tails,
+        [st["ef_min"] for st in states], [st["ef_max"] for st in states], *new, finite,
+        list(numels), blocks, hp.quant_bucket_size, k_full, k_tails,
     )  # fmt: skip
     if not bool(finite.all()):
         bad = int((finite == 0).nonzero()[0])

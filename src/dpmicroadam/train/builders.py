@@ -39,7 +39,7 @@ def param_groups(
 
 def prepare_fused() -> None:
     """Builds (or loads) MicroAdam's fused C++ step now rather than in the first step, saying
-    so on stderr when that takes a while (a build: ~25 s, once per machine). Where it cannot be
+    so on stderr when that takes a while (a build: ~16 s, once per machine). Where it cannot be
     built, MicroAdam has warned once and runs its vectorized step."""
     from dpmicroadam.optim import fused
 
