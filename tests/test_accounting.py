@@ -323,6 +323,28 @@ def test_calibration_never_overshoots_grid(kind: str, target: float, q: float, s
         assert spent >= 0.99 * target
 
 
+def test_calibration_of_few_steps_does_not_search_far_below_its_answer(monkeypatch) -> None:
+    """ε = 8 in 3 steps at q = 0.045 needs σ ≈ 0.445; the closed-form start (0.047) spent 8 s
+    on one PLD at σ = 0.05. The search starts at START_FLOOR, and still finds answers below it."""
+    from dpmicroadam.accounting import calibration
+
+    asked: list[float] = []
+    real = calibration._epsilon
+
+    def spy(sigma, *args):
+        asked.append(sigma)
+        return real(sigma, *args)
+
+    monkeypatch.setattr(calibration, "_epsilon", spy)
+    sigma = calibration._calibrate(8.0, 1e-5, 0.045, 3, "pld", 1e3, 1e-3)
+    assert 0.4 < sigma < 0.5 and epsilon(sigma, 0.045, 3, 1e-5) <= 8.0
+    assert min(asked) >= calibration.START_FLOOR
+    asked.clear()
+    low = calibration._calibrate(40.0, 1e-5, 0.045, 3, "rdp", 1e3, 1e-3)  # the answer: ≈ 0.22
+    assert low < calibration.START_FLOOR and epsilon(low, 0.045, 3, 1e-5, "rdp") <= 40.0
+    assert epsilon(low / 1.003, 0.045, 3, 1e-5, "rdp") > 40.0
+
+
 def test_calibration_is_cached() -> None:
     args = (4.0, 1e-5, 0.02, 700)
     first = calibrate_noise_multiplier(*args)
