@@ -10,6 +10,7 @@ import time
 import warnings
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 
@@ -493,3 +494,25 @@ def test_check_delta_warns_when_delta_allows_publishing_a_record() -> None:
 def test_accounting_does_not_import_torch() -> None:
     code = "import sys, dpmicroadam.accounting; assert 'torch' not in sys.modules, 'torch loaded'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("q", [0.01, 0.3, 1 - math.exp(-0.5 - 1e-12), 1.0])
+@pytest.mark.parametrize(("sigma", "interval"), [(0.45, 2e-3), (1.0, 1e-3), (4.0, 1e-3)])
+def test_one_step_pld_on_arrays_is_the_librarys_to_the_bit(
+    sigma: float, q: float, interval: float
+) -> None:
+    """gaussian_step_pld against from_gaussian_mechanism: the same PMFs, both adjacencies; at
+    q = 1 − e^(−0.5 − 1e-12) the grid point ε = 0.5 lies within 1e-9 of the ADD bound
+    −log(1 − q), where the inverse is taken as −∞ (as the library does)."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    from dpmicroadam.accounting.gaussian_pld import gaussian_step_pld
+
+    ours = gaussian_step_pld(sigma, q, interval)
+    theirs = privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=sigma, value_discretization_interval=interval, sampling_prob=q
+    )
+    for kind in ("_pmf_remove", "_pmf_add"):
+        a, b = (getattr(pld, kind).to_dense_pmf() for pld in (ours, theirs))
+        assert a._lower_loss == b._lower_loss and a._infinity_mass == b._infinity_mass
+        assert a._probs.shape == b._probs.shape and np.array_equal(a._probs, b._probs)

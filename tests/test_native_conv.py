@@ -64,7 +64,10 @@ def test_channels_innermost_is_movedim_then_is_contiguous():
             views = [t, t[..., ::2], t[:1], t[:, :1]]
             for v in views:
                 assert native.channels_innermost(v) == v.movedim(1, -1).is_contiguous(), (
-                    shape, perm, v.shape, v.stride()
+                    shape,
+                    perm,
+                    v.shape,
+                    v.stride(),
                 )
                 count += 1
     assert count > 700

@@ -16,7 +16,8 @@ Two accountants from ``dp_accounting`` (Google's accounting library) do the anal
   equal to its result bit for bit, except that the moments of its Chernoff tail bounds are
   computed once per one-step PLD instead of at every composition (:func:`_self_compose`); so are
   the accountant's last steps, composing with its identity PLD and ε for δ, vectorised here
-  where the library loops in Python (:func:`_pld_at`).
+  where the library loops in Python (:func:`_pld_at`); and so is the one-step PLD, whose
+  grid the library walks in Python (:mod:`~dpmicroadam.accounting.gaussian_pld`).
 - ``"rdp"``: Rényi DP (Mironov, arXiv 1702.07476; Mironov et al., arXiv 1908.10530) over a wide
   grid of orders, with the conversion of Canonne et al. (arXiv 2004.00010). Looser than PLD.
 
@@ -41,6 +42,7 @@ from dpmicroadam.accounting._validate import (
     check_sample_rate,
     check_steps,
 )
+from dpmicroadam.accounting.gaussian_pld import gaussian_step_pld
 
 # Rényi orders: fine from 1.5 to 3 (large ε), every 0.1 to 11, integers to 128, every 4 to 256,
 # then sparse up to 8192 (tiny ε). Fractional orders are the expensive ones, so they stop at 11. Orders below
@@ -135,14 +137,13 @@ def _pld_step(
 ) -> privacy_loss_distribution.PrivacyLossDistribution:
     """The PLD of one Poisson-subsampled Gaussian step (pessimistic, add-or-remove-one).
 
-    Building it walks the whole discretization grid in Python (about 2/3 of a PLD ε), and it
-    does not depend on the step count, so a run that asks for ε at every evaluation builds it
-    once per interval. Built exactly as ``PLDAccountant`` builds it; PLD objects are immutable
-    (composition returns new ones), so sharing the cached one is safe.
+    What ``PLDAccountant`` builds, bit for bit, on arrays where the library walks the
+    discretization grid in Python (:mod:`~dpmicroadam.accounting.gaussian_pld`: 3.9 against
+    26.0 s over 126 grids). It does not depend on the step count, so a run that asks for ε at
+    every evaluation builds it once per interval. PLD objects are immutable (composition
+    returns new ones), so sharing the cached one is safe.
     """
-    return privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=sigma, value_discretization_interval=interval, sampling_prob=q
-    )
+    return gaussian_step_pld(sigma, q, interval)
 
 
 def clear_caches() -> None:
