@@ -106,7 +106,7 @@ class TrainConfig:
         choices=("bfloat16", "float32"))  # fmt: skip
     microadam_implementation: str = setting(
         "fast", "MicroAdam's step: fast (vectorized), fused (two C++ loops on the CPU: about half "
-        "the time of fast, built once per machine in ~25 s; fast where it cannot be built, with "
+        "the time of fast, built once per machine in ~16 s; fast where it cannot be built, with "
         "a warning), compiled (torch.compile) or loop (the slow reference)",
         choices=MICROADAM_IMPLEMENTATIONS)  # fmt: skip
     adam_eps: float | None = setting(None, "eps of Adam and MicroAdam (default 1e-8)")
