@@ -30,8 +30,8 @@ START_FLOOR = 0.3
 σ = 0.05 took 8.3 s here, at 0.2 1.2 s, near 0.45 0.5 s. The closed-form start (below) assumes
 amplification by subsampling is linear in q, which fails for few steps: ε = 8 in 3 steps at
 q = 0.045 starts at 0.047 against an answer of 0.445, and the search spent 12 of its 12.2 s
-below 0.3 (2.9 s with this floor). Answers below the floor are still found: the search steps
-down to them."""
+below 0.3 (2.9 s with this floor; 1.3 s since the one-step PLD is built on arrays). Answers
+below the floor are still found: the search steps down to them."""
 
 RTOL = 1e-3
 
@@ -131,9 +131,9 @@ def _bracket(
     """(lo, hi): lo fails the budget, hi meets it; None when even the smallest σ meets it."""
     # 1. Bracket: lo fails the budget, hi meets it. Start from the Gaussian-mechanism-like
     #    guess q·sqrt(2T·log(1.25/δ))/ε, or START_FLOOR if larger, and take Newton-like steps
-    #    in log σ. log ε falls at least as fast as log σ rises (slope <= -1: ε ~ 1/σ for large σ, ~1/σ² for small), so
-    #    a step of 1.1·gap/|slope| with the slope estimate starting at 1 crosses the root and
-    #    two evaluations usually bracket it.
+    #    in log σ. log ε falls at least as fast as log σ rises (slope <= -1: ε ~ 1/σ for large
+    #    σ, ~1/σ² for small), so a step of 1.1·gap/|slope| with the slope estimate starting at 1
+    #    crosses the root and two evaluations usually bracket it.
     x_min, x_max = math.log(MIN_NOISE_MULTIPLIER), math.log(sigma_max)
     guess = q * math.sqrt(2.0 * t * math.log(1.25 / delta)) / eps_target
     x = min(max(math.log(max(guess, START_FLOOR)), x_min), x_max)

@@ -164,8 +164,8 @@ template <typename V>
 void front_impl(at::TensorList grads, at::TensorList codes, at::TensorList los,
                 at::TensorList his, at::TensorList new_codes, at::TensorList new_los,
                 at::TensorList new_his, at::TensorList sel_idx, at::TensorList sel_val,
-                const std::vector<Item>& work,
-                at::IntArrayRef numels, int64_t bucket, std::vector<uint8_t>& item_ok) {
+                const std::vector<Item>& work, at::IntArrayRef numels, int64_t bucket,
+                std::vector<uint8_t>& item_ok) {
   const int64_t full_bytes = (bucket + 1) / 2, half = full_bytes;
   at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> a;
@@ -235,9 +235,9 @@ void front_impl(at::TensorList grads, at::TensorList codes, at::TensorList los,
 
 template <typename V>
 void update_impl(at::TensorList params, at::TensorList indices, at::TensorList values,
-                 const std::vector<Item>& work,
-                 at::IntArrayRef k_totals, int64_t filled, const float* w1,
-                 const float* w2, float decay, bool decayed, float c2, float eps, float step) {
+                 const std::vector<Item>& work, at::IntArrayRef k_totals, int64_t filled,
+                 const float* w1, const float* w2, float decay, bool decayed, float c2, float eps,
+                 float step) {
   at::parallel_for(0, (int64_t)work.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> big_m, big_s;
     for (int64_t w = begin; w < end; ++w) {
@@ -306,7 +306,7 @@ int64_t columns(int64_t numel, int64_t block, int64_t k_full, int64_t k_tail) {
 
 }  // namespace
 
-// finite[m] is set to 0 where member m's gradient plus error feedback is not finite
+// finite[m]: 1, or 0 where member m's gradient plus error feedback is not finite
 void front(at::TensorList grads, at::TensorList codes, at::TensorList los, at::TensorList his,
            at::TensorList new_codes, at::TensorList new_los, at::TensorList new_his,
            at::TensorList sel_idx, at::TensorList sel_val, at::Tensor finite,
