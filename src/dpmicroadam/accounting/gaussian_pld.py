@@ -45,9 +45,7 @@ class ArrayGaussianLoss(GaussianPrivacyLoss):
         if q == 1.0:
             x = -0.5 * s - eps * var / s
             return s + x if add else x
-        a, c = 1 / q, 1 - 1 / q
-        if c >= 0:
-            return None
+        a, c = 1 / q, 1 - 1 / q  # c < 0: q is in (0, 1) here
         b = -eps if add else eps
         d = b + np.log(a)
         log_neg_c = np.log(-c)
@@ -101,7 +99,5 @@ def gaussian_step_pld(
             use_connect_dots=True,
         )  # fmt: skip
 
-    remove = pmf(AdjacencyType.REMOVE)
-    if q == 1.0:
-        return privacy_loss_distribution.PrivacyLossDistribution(remove)
-    return privacy_loss_distribution.PrivacyLossDistribution(remove, pmf(AdjacencyType.ADD))
+    # REMOVE, and ADD unless q = 1 (then the two are the same), as the library pairs them
+    return privacy_loss_distribution._pld_for_subsampled_mechanism(pmf, q)  # noqa: SLF001
