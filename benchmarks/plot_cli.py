@@ -64,7 +64,12 @@ def plot_verdicts(rows: dict[str, list[dict]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     models = [m for m in MODELS if rows.get(m)] + sorted(set(rows) - set(MODELS))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    # Each panel as wide as its rows need (a tick label every 0.32 inch), at least 4.2 inches.
+    widths = [max(4.2, 1.2 + 0.32 * len(rows[m])) for m in models]
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(sum(widths), 3.8), squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )  # fmt: skip
     for ax, model in zip(axes[0], models):
         entries = rows[model]
         for i, row in enumerate(entries):
