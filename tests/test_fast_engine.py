@@ -173,6 +173,29 @@ def test_conv2d(conv):
     check(model, torch.randn(4, 4, 7, 6), labels(4))
 
 
+def test_conv_settings_changed_between_calls_are_followed():
+    """The engine keeps each conv's geometry between calls; a padding, stride or dilation
+    changed between two calls of one engine must still give each example's own gradients."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), Flatten(),
+        nn.Linear(6, 3),
+    ).double()  # fmt: skip
+    engine = FastEngine(model, ce)
+    conv = model[0]
+    for change in (None, "padding and stride", "dilation"):
+        if change == "padding and stride":
+            conv.padding, conv.stride = (2, 0), (2, 1)
+        elif change == "dilation":
+            conv.dilation = (2, 1)
+        x, y = torch.randn(4, 4, 7, 6, dtype=torch.float64), labels(4)
+        sums, norms = engine.clipped_sum(x, y, 0.5)
+        ref_sums, ref_norms = reference(model, ce, x, y, 0.5, 1, engine.params)
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-9, atol=1e-12)
+        for s, r in zip(sums, ref_sums):
+            torch.testing.assert_close(s, r, rtol=1e-9, atol=1e-12)
+
+
 def test_weight_standardized_conv_with_augmult():
     torch.manual_seed(5)
     model = nn.Sequential(

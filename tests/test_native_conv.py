@@ -107,6 +107,36 @@ def test_kernel_gives_each_examples_gradient(layer, size, k, e_layout, monkeypat
 
 
 @needs_compiler
+@pytest.mark.parametrize(
+    "layer, size",
+    [
+        (nn.Conv2d(1, 16, 8, stride=2, padding=3), (28, 28)),
+        (nn.Conv2d(16, 64, 3, padding=1), (9, 7)),
+        (nn.Conv2d(8, 8, (3, 2), stride=(2, 3), padding=(1, 0)), (10, 11)),
+    ],
+)
+@pytest.mark.parametrize("k", [1, 3])
+def test_padding_in_the_kernel_equals_a_padded_copy(layer, size, k, monkeypatch):
+    """The kernel pads each example's views as it goes: rows and squared norms bit for bit those
+    of the input padded beforehand, and the layer's own call pads nothing in torch."""
+    torch.manual_seed(4)
+    n = 4
+    x = channels_last(torch.randn(n * k, layer.in_channels, *size))
+    e = torch.randn_like(layer(x))
+    kernel, stride = tuple(layer.kernel_size), tuple(layer.stride)
+    padded = channels_last(F.pad(x, [w for p in reversed(layer.padding) for w in (p, p)]))
+    sq_before, sq_in = torch.zeros(n, e.shape[1]), torch.zeros(n, e.shape[1])
+    before = native.conv2d_patch_products(padded, e, n, k, kernel, stride, sq_before)
+    inside = native.conv2d_patch_products(x, e, n, k, kernel, stride, sq_in, tuple(layer.padding))
+    assert before is not None and torch.equal(inside, before) and torch.equal(sq_in, sq_before)
+    # a padding that would let a patch run past the padded input is refused
+    assert native.conv2d_patch_products(x, e, n, k, kernel, stride, None, (0, 0)) is None
+    call = ConvCall.from_module(layer)
+    monkeypatch.setattr(ConvCall, "zero_padded", lambda *a: pytest.fail("padded in torch"))
+    assert torch.equal(call._native_patch_products(x, e, n, k), before)
+
+
+@needs_compiler
 def test_squared_norms_come_with_the_rows_where_the_kernel_runs(monkeypatch):
     """``ConvCall.per_example_and_sq``: the kernel's rows and their squared norms; where the
     kernel does not run (two torch threads), the same rows and no norms, and the zeros passed

@@ -28,7 +28,9 @@ def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """
     if math.isinf(clip_norm):
         return torch.ones_like(norms)
-    return (clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
+    # C / n as torch computes it for a number over a tensor (reciprocal, then times C), in place
+    # on one fresh tensor: the same values, two tensors fewer a step.
+    return norms.clamp_min(1e-30).reciprocal_().mul_(clip_norm).clamp_(max=1.0)
 
 
 def _number(value: object, name: str) -> float:

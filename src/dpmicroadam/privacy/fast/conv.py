@@ -140,7 +140,7 @@ class ConvCall:
     @property
     def fan_in(self) -> int:
         """D: inputs per output channel (C/groups · kernel)."""
-        return self.weight[0].numel()
+        return math.prod(self.weight.shape[1:])  # from the sizes: weight[0] would be a torch op
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the convolution sees it (explicit padding applied)."""
@@ -311,9 +311,10 @@ class ConvCall:
     def _native_patch_products(
         self, x: torch.Tensor, e: torch.Tensor, n: int, k: int, sq: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """:meth:`_patch_products` by the C kernel of :mod:`.native` (no patches copied), or None
-        where it does not apply (dilation, sizes no tile divides, more than one torch thread,
-        not float32 on the CPU, no compiler); checked before the input is padded for it.
+        """:meth:`_patch_products` by the C kernel of :mod:`.native` (no patches copied, and the
+        conv's zero padding added by the kernel as it goes), or None where it does not apply
+        (dilation, sizes no tile divides, more than one torch thread, not float32 on the CPU, no
+        compiler); checked before anything is copied for it.
         ``sq``: (n, P) zeros that receive the rows' squared norms (see the kernel)."""
         out_channels, per, width = self.weight.shape[0], self.weight.shape[1], self.weight.shape[-1]
         if (
@@ -322,11 +323,14 @@ class ConvCall:
             or not native.takes(out_channels, width * per)
         ):
             return None
-        x = self.padded_channels_last(x)
+        padding = self.padding
+        if not _channels_last(x, self.dims):
+            x, padding = self.padded_channels_last(x), (0,) * self.dims
         kernel, stride = tuple(self.weight.shape[2:]), self.stride
         if self.dims == 1:  # as a 2-d conv over one row
             x, e, kernel, stride = x.unsqueeze(2), e.unsqueeze(2), (1, *kernel), (1, *stride)
-        return native.conv2d_patch_products(x, e, n, k, kernel, stride, sq)
+            padding = (0, *padding)
+        return native.conv2d_patch_products(x, e, n, k, kernel, stride, sq, padding)
 
     def reorder(self, t: torch.Tensor, kernel_major: bool, to_kernel_major: bool) -> torch.Tensor:
         """Rows (..., D) from one order of their entries to the other (or as they are)."""
@@ -551,9 +555,22 @@ def _taps(offset: int, dilation: int, stride: int, size: int) -> slice:
 class ConvOwner(Owner):
     """``nn.Conv1d`` / ``nn.Conv2d`` with the stock forward."""
 
+    _call: ConvCall | None = None
+    _call_key: tuple | None = None
+
+    def conv_call(self) -> ConvCall:
+        """The module's :class:`ConvCall`, built again only when what it is built from changed
+        (a parameter replaced, a setting changed): a step calls it once per layer."""
+        m = self.module
+        key = (id(m.weight), id(m.bias), m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+        # The cached call refers to the weight and bias, so their ids cannot be reused meanwhile.
+        if key != self._call_key:
+            self._call, self._call_key = ConvCall.from_module(m), key
+        return self._call
+
     def sq_norms(self, b: int, k: int) -> torch.Tensor:
         n = b * k
-        call = ConvCall.from_module(self.module)
+        call = self.conv_call()
         xs = [call.prepare(self.rows(r.args[0] if r.args else r.kwargs["input"], n))
               for r in self.records]  # fmt: skip
         es = [self.rows(r.grads[0], n) for r in self.records]

@@ -89,6 +89,12 @@ class LinearOwner(Owner):
     def sq_norms(self, b: int, k: int) -> torch.Tensor:
         n = b * k
         weight, bias = self.module.weight, self.module.bias
+        if k == 1 and len(self.records) == 1:
+            r = self.records[0]
+            a = r.args[0] if r.args else r.kwargs["input"]
+            e = r.grads[0]
+            if a.dim() == 2 and e.dim() == 2:  # one position per example, taken as it is
+                return self._rank_one_sq_norms(self.rows(a, n).detach(), self.rows(e, n))
         acts, outs = [], []
         for r in self.records:
             a = r.args[0] if r.args else r.kwargs["input"]
@@ -98,7 +104,7 @@ class LinearOwner(Owner):
             outs.append(e.reshape(b, -1, e.shape[-1]))
         a, e = cat(acts, 1), cat(outs, 1)
         if a.shape[1] == 1:
-            return self._rank_one_sq_norms(a, e)
+            return self._rank_one_sq_norms(a[:, 0], e[:, 0])
         sq = e.new_zeros(b)
         self._grad_w = self._act = None
         if self.trainable(weight):
@@ -121,13 +127,12 @@ class LinearOwner(Owner):
 
     def _rank_one_sq_norms(self, a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """One position per example (no sequence): g_i = e_i a_iᵀ, so ‖g_i‖² = ‖e_i‖²‖a_i‖²,
-        and the bias gradient is e_i itself; the sums take the matmul path."""
-        e = e[:, 0]
+        and the bias gradient is e_i itself; the sums take the matmul path. ``a`` (b, D) and
+        ``e`` (b, P)."""
         e_sq = e.square().sum(1)
         sq = None
         self._grad_w = self._act = self._grad_b = None
         if self.trainable(self.module.weight):
-            a = a[:, 0]
             self._act = (a, e)  # 2-d: sums() takes Σ_i f_i e_i a_iᵀ as one matmul
             sq = a.square().sum(1) * e_sq
         if self.trainable(self.module.bias):
