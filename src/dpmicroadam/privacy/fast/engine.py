@@ -186,7 +186,8 @@ class FastEngine:
             for handle in handles:
                 handle.remove()
         try:
-            return self._finish(losses.sum() / k, b, k, clip_norm)
+            loss = losses.sum()
+            return self._finish(loss / k if k > 1 else loss, b, k, clip_norm)
         finally:
             for owner in self._owners:
                 owner.reset()
@@ -257,7 +258,7 @@ class FastEngine:
         for j, p in enumerate(self.params):
             if sums[j] is None:
                 sums[j] = torch.zeros_like(p)
-        return sums, norms.detach()
+        return sums, norms.detach() if norms.requires_grad else norms
 
     @staticmethod
     def _hook(index, record, waiting, process):
