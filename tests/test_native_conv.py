@@ -137,6 +137,35 @@ def test_padding_in_the_kernel_equals_a_padded_copy(layer, size, k, monkeypatch)
 
 
 @needs_compiler
+@pytest.mark.parametrize("shape", [(16, 14, 14), (32, 5, 5), (12, 17)])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("e_layout", ["channels_last", "contiguous", "every_other_channel"])
+def test_bias_gradients_and_their_squares_added(shape, k, e_layout):
+    """``native.bias_grads``: each example's bias gradient (its views' output gradients summed
+    over positions) in any strides, 1-d or 2-d, and its squared norm added to what was there."""
+    torch.manual_seed(6)
+    n = 5
+    e = torch.randn(n * k, *shape)
+    if e_layout == "channels_last":
+        e = e.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif e_layout == "every_other_channel":
+        e = torch.randn(n * k, 2 * shape[0], *shape[1:])[:, ::2]
+    expected = e.double().reshape(n, k, shape[0], -1).sum((1, 3))
+    start = torch.randn(n)
+    add = start.clone()
+    got = native.bias_grads(e, n, k, add)
+    assert got is not None and got.shape == (n, shape[0]) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        add.double(), start.double() + expected.square().sum(1), rtol=1e-5, atol=1e-5
+    )
+    assert torch.equal(native.bias_grads(e, n, k), got)
+    assert native.bias_grads(e.double(), n, k) is None  # float32 only
+    with pytest.raises(ValueError, match=rf"\({n},\)"):
+        native.bias_grads(e, n, k, torch.zeros(n + 1))
+
+
+@needs_compiler
 def test_squared_norms_come_with_the_rows_where_the_kernel_runs(monkeypatch):
     """``ConvCall.per_example_and_sq``: the kernel's rows and their squared norms; where the
     kernel does not run (two torch threads), the same rows and no norms, and the zeros passed
@@ -247,6 +276,8 @@ def test_engine_on_the_tanh_cnn_clips_each_example_with_and_without_the_kernel(
     monkeypatch.setattr(
         native, "conv2d_patch_products", lambda *a: calls.append(a[0].shape) or real(*a)
     )
+    biases, real_bias = [], native.bias_grads
+    monkeypatch.setattr(native, "bias_grads", lambda *a: biases.append(real_bias(*a)) or biases[-1])
     torch.manual_seed(3)
     model = tanh_cnn()
     x = channels_last(torch.randn(6, 1, 28, 28))
@@ -254,6 +285,9 @@ def test_engine_on_the_tanh_cnn_clips_each_example_with_and_without_the_kernel(
     engine = FastEngine(model, lambda o, t: F.cross_entropy(o, t, reduction="none"))
     sums, norms = engine.clipped_sum(x, y, 0.5)
     assert len(calls) == (2 if native_on else 0)
+    # the convs' bias gradients and their squares from the kernel where it runs
+    # (the first call's check of the batch-first layout runs the engine again)
+    assert len(biases) in (2, 4) and all((b is not None) == native_on for b in biases)
     ref_sums, ref_norms = reference(copy.deepcopy(model), x, y, 0.5)
     torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-4, atol=1e-6)
     for s, r in zip(sums, ref_sums):

@@ -585,8 +585,14 @@ class ConvOwner(Owner):
             self._kept = stats.get("kept")
             self._kernel_major = stats.get("kernel_major", False)
         if self.trainable(call.bias):
-            self._grad_b = add_up(e.reshape(b, k, e.shape[1], -1).sum((1, 3)) for e in es)
-            parts.append(self._grad_b.square().sum(1))
+            # The C kernel adds the bias gradients' squares to the weight's part in place (a
+            # fresh tensor of this call), else torch forms them.
+            gb = native.bias_grads(es[0], b, k, parts[0]) if len(es) == 1 and parts else None
+            if gb is not None:
+                self._grad_b = gb
+            else:
+                self._grad_b = add_up(e.reshape(b, k, e.shape[1], -1).sum((1, 3)) for e in es)
+                parts.append(self._grad_b.square().sum(1))
         if self._kept is not None:
             self._data = (call, None, None, k)  # the sums need neither inputs nor output gradients
         return add_up(parts) if parts else es[0].new_zeros(b)

@@ -168,6 +168,31 @@ int dpm_conv2d_patch_products(const float* x, const float* e, float* g, float* s
   return 0;
 }
 
+/* The bias gradients of a conv, per example: gb[i, o] = the sum over example i's k views and
+   their Ho x Wo positions of e (any strides: en, eo, ey, ex), position by position, all
+   channels at once (vectors along o where eo == 1); add[i] (if not NULL) += sum_o gb[i, o]^2. */
+void dpm_bias_grads(const float* restrict e, float* restrict gb, float* restrict add, i64 n,
+                    i64 k, i64 P, i64 Ho, i64 Wo, i64 en, i64 eo, i64 ey, i64 ex) {
+  for (i64 i = 0; i < n; i++) {
+    float* restrict g = gb + i * P;
+    for (i64 o = 0; o < P; o++) g[o] = 0.0f;
+    for (i64 v = 0; v < k; v++)
+      for (i64 y = 0; y < Ho; y++)
+        for (i64 x = 0; x < Wo; x++) {
+          const float* restrict p = e + (i * k + v) * en + y * ey + x * ex;
+          if (eo == 1)
+            for (i64 o = 0; o < P; o++) g[o] += p[o];
+          else
+            for (i64 o = 0; o < P; o++) g[o] += p[o * eo];
+        }
+    if (add) {
+      float s = 0.0f;
+      for (i64 o = 0; o < P; o++) s += g[o] * g[o];
+      add[i] += s;
+    }
+  }
+}
+
 /* The patches' Gram matrix from the pixels' one, per block b (example and group):
    G[b, s, t] = sum over kernel offsets (i, j) of P[b, px(s, i, j), px(t, i, j)], positions
    s = (view, y, x) over k views of Ho x Wo outputs, px(s, i, j) = (view, y sh + i dh, x sw + j dw)
@@ -260,6 +285,9 @@ def _build() -> ctypes.CDLL:
     fn = lib.dpm_conv2d_patch_products
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 18
+    fn = lib.dpm_bias_grads
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 9
     fn = lib.dpm_shift_gram
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 12
@@ -402,6 +430,46 @@ def conv2d_patch_products(
             f"the conv kernel could not allocate its padded grid ({k} x {height + 2 * ph} x "
             f"{width + 2 * pw} x {channels} floats)"
         )
+    return out
+
+
+def bias_grads(e: torch.Tensor, n: int, k: int, add: torch.Tensor | None = None):
+    """Per-example bias gradients (n, P) of a conv from its output gradients, and their squared
+    norms added to ``add`` in place; None where the kernel does not apply or is not available
+    (nothing was computed or added: take ``e.reshape(n, k, P, -1).sum((1, 3))``).
+
+    On the tanh CNN (64 examples, 1 thread, inside the engine's call) this replaces four torch
+    calls a conv layer (the reshape, the sum, the square and its sum) and the addition of the
+    bias's part to the weight's.
+
+    Args:
+        e: Output gradients (n·k, P, L) or (n·k, P, H, W); float32 on the CPU, any strides.
+        n: Examples; rows i·k .. i·k+k−1 are example i's views, summed.
+        k: Views per example.
+        add: Optional (n,) float32 contiguous tensor on the CPU that receives Σ_o gb[i, o]².
+    """
+    if not usable(e) or e.dim() not in (3, 4) or e.shape[0] != n * k or n == 0:
+        return None
+    if add is not None and (
+        add.shape != (n,) or add.dtype != torch.float32 or not add.is_contiguous()
+        or add.device.type != "cpu"
+    ):  # fmt: skip
+        raise ValueError(
+            f"add must be a contiguous float32 CPU tensor of shape ({n},), got "
+            f"{tuple(add.shape)} {add.dtype} on {add.device}"
+        )
+    lib = _library()
+    if lib is None:
+        return None
+    rows, channels = e.shape[:2]
+    spatial, strides = (1, *e.shape[2:]), (0, *e.stride()[2:])
+    if e.dim() == 4:
+        spatial, strides = tuple(e.shape[2:]), e.stride()[2:]
+    out = e.new_empty((n, channels))
+    lib.dpm_bias_grads(
+        e.data_ptr(), out.data_ptr(), None if add is None else add.data_ptr(), n, k, channels,
+        *spatial, e.stride(0), e.stride(1), *strides,
+    )  # fmt: skip
     return out
 
 
