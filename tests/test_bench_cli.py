@@ -105,6 +105,26 @@ def test_step_parts_times_every_layer_of_the_private_step():
     assert row["cpu"] == bench.cpu_name()
 
 
+def test_cold_calls_times_each_call_warm_and_after_each_pause():
+    import sys
+
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_cold_calls", _PATH.parent / "bench_cold_calls.py"
+        )
+        cold = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cold)
+    finally:
+        sys.path.remove(str(_PATH.parent))
+    row = cold.measure([0, 300], samples=3)
+    assert row["bench"] == "cold_calls" and len(row["calls"]) == 3
+    for times in row["calls"].values():
+        assert set(times) == {"after_0us_us", "after_300us_us", "ratio_300us"}
+        assert times["after_0us_us"] > 0
+        assert times["ratio_300us"] == round(times["after_300us_us"] / times["after_0us_us"], 2)
+
+
 def _plot_module():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_cli.py"
     spec = importlib.util.spec_from_file_location("plot_cli", path)
