@@ -9,7 +9,8 @@ kernel-width × channels entries are read where they lie (contiguous in a channe
 and the products are summed in registers, tile by tile: nothing is copied.
 
 The same library holds :func:`shift_gram`, the pixel ghost norm's sum of the pixel Gram matrix
-over the kernel offsets (:func:`~dpmicroadam.privacy.fast.conv._pixel_gram`), under the same
+over the kernel offsets (:func:`~dpmicroadam.privacy.fast.conv._pixel_gram`), and
+:func:`bias_grads`, a conv's per-example bias gradients and their squared norms, under the same
 conditions (one torch thread, float32 on the CPU, a compiler).
 
 The kernel is plain C with GCC/Clang vector extensions (AVX2 with FMA where torch reports AVX2
