@@ -82,18 +82,22 @@ def test_goals_cover_every_model():
     assert set(bench.GOALS) == set(bench.SHAPES)
 
 
-def test_step_parts_times_every_layer_of_the_private_step():
+def _load_benchmark(name):
+    """A script of benchmarks/ as a module (its folder on sys.path while it loads, as when run)."""
     import sys
 
     sys.path.insert(0, str(_PATH.parent))
     try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_step_parts", _PATH.parent / "bench_step_parts.py"
-        )
-        parts = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(parts)
+        spec = importlib.util.spec_from_file_location(name, _PATH.parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(_PATH.parent))
+    return module
+
+
+def test_step_parts_times_every_layer_of_the_private_step():
+    parts = _load_benchmark("bench_step_parts")
     row = parts.measure("cnn", batch=4, repeats=1, calls=1)
     names = ["features.0", "features.3", "classifier.1", "classifier.3"]  # TanhCNN28's layers
     expected = {f"{n}.{m}" for n in names for m in ("sq_norms", "sums")}
@@ -106,17 +110,7 @@ def test_step_parts_times_every_layer_of_the_private_step():
 
 
 def test_cold_calls_times_each_call_warm_and_after_each_pause():
-    import sys
-
-    sys.path.insert(0, str(_PATH.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_cold_calls", _PATH.parent / "bench_cold_calls.py"
-        )
-        cold = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cold)
-    finally:
-        sys.path.remove(str(_PATH.parent))
+    cold = _load_benchmark("bench_cold_calls")
     row = cold.measure([0, 300], samples=3)
     assert row["bench"] == "cold_calls" and len(row["calls"]) == 3
     for times in row["calls"].values():
