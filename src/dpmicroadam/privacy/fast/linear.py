@@ -89,17 +89,13 @@ class LinearOwner(Owner):
     def sq_norms(self, b: int, k: int) -> torch.Tensor:
         n = b * k
         weight, bias = self.module.weight, self.module.bias
-        if k == 1 and len(self.records) == 1:
-            r = self.records[0]
-            a = r.args[0] if r.args else r.kwargs["input"]
-            e = r.grads[0]
-            if a.dim() == 2 and e.dim() == 2:  # one position per example, taken as it is
-                return self._rank_one_sq_norms(self.rows(a, n).detach(), self.rows(e, n))
         acts, outs = [], []
         for r in self.records:
             a = r.args[0] if r.args else r.kwargs["input"]
             a = self.rows(a, n).detach()
             e = self.rows(r.grads[0], n)
+            if k == 1 and len(self.records) == 1 and a.dim() == 2 and e.dim() == 2:
+                return self._rank_one_sq_norms(a, e)  # one position per example, as it is
             acts.append(a.reshape(b, -1, a.shape[-1]))
             outs.append(e.reshape(b, -1, e.shape[-1]))
         a, e = cat(acts, 1), cat(outs, 1)

@@ -462,9 +462,10 @@ def bias_grads(e: torch.Tensor, n: int, k: int, add: torch.Tensor | None = None)
     lib = _library()
     if lib is None:
         return None
-    rows, channels = e.shape[:2]
-    spatial, strides = (1, *e.shape[2:]), (0, *e.stride()[2:])
-    if e.dim() == 4:
+    channels = e.shape[1]
+    if e.dim() == 3:  # (n·k, P, L): one row of L positions
+        spatial, strides = (1, e.shape[2]), (0, e.stride(2))
+    else:
         spatial, strides = tuple(e.shape[2:]), e.stride()[2:]
     out = e.new_empty((n, channels))
     lib.dpm_bias_grads(
